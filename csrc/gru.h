@@ -1,0 +1,71 @@
+// The device-independent part of the fused GRU: argument checks, the big GEMMs before
+// and after the step loop, and the interface each backend's step loop implements.
+//
+// One layer, one direction. Shapes: T steps, B batch, I input features, H hidden units.
+//
+// Forward:
+//   gi = x W_ih^T + folded biases                        one GEMM, [T, B, 3H]
+//   for each step (backend): gh = h W_hh^T, gate math -> h_t, saved activations
+// Backward:
+//   for each step in reverse (backend): gate gradients, dh_{t-1} = dh z + dgh W_hh
+//   dx = dG W_ih, dW_ih = dG^T x, dW_hh = dGh^T [h_prev or r h], biases = sums
+//                                                         big GEMMs after the loop
+#pragma once
+
+#include <array>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace gru_fused {
+
+// What a backend's forward step loop reads and writes. All tensors are contiguous and
+// on one device with one dtype, except lengths (int64, on that device).
+struct ForwardLoopArgs {
+  at::Tensor gi;         // [T, B, 3H] in:  x W_ih^T + b_ih (+ b_hr, b_hz; + b_hn if !reset_after)
+  at::Tensor hx;         // [B, H]     in:  initial state
+  at::Tensor weight_hh;  // [3H, H]    in
+  at::Tensor b_hn;       // [H]        in:  added inside r * (...) when reset_after; else undefined
+  at::Tensor lengths;    // [B] int64  in:  undefined when every sequence has all T steps
+  at::Tensor output;     // [T, B, H]  out: h_t for every step (the carried state when padded)
+  at::Tensor workspace;  // [4, T, B, H] out: r, z, n and kSlotHn (see gru_math.h)
+  bool reset_after;
+  bool reverse;
+};
+
+// What a backend's backward step loop reads and writes.
+struct BackwardLoopArgs {
+  at::Tensor grad_output;  // [T, B, H]    in
+  at::Tensor grad_h_n;     // [B, H]       in
+  at::Tensor hx;           // [B, H]       in
+  at::Tensor weight_hh;    // [3H, H]      in
+  at::Tensor output;       // [T, B, H]    in:  from the forward
+  at::Tensor workspace;    // [4, T, B, H] in:  from the forward
+  at::Tensor dG;           // [T, B, 3H]   out: dL/dgi, gates (r, z, n)
+  at::Tensor dGh;          // [T, B, 3H]   out: dL/dgh; the same tensor as dG when !reset_after
+  at::Tensor grad_hx;      // [B, H]       out
+  bool reset_after;
+  bool reverse;
+};
+
+using ForwardLoop = void (*)(const ForwardLoopArgs&);
+using BackwardLoop = void (*)(const BackwardLoopArgs&);
+
+// The op implementations, parametrised by the backend's step loops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse, ForwardLoop loop);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                  const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+                  const at::Tensor& weight_hh, const at::Tensor& output,
+                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  std::array<bool, 6> output_mask, BackwardLoop loop);
+
+// Index of the step processed at loop iteration i.
+inline int64_t step_at(int64_t i, int64_t T, bool reverse) { return reverse ? T - 1 - i : i; }
+
+}  // namespace gru_fused

@@ -1,0 +1,210 @@
+// Argument checks and the GEMMs around the step loop, shared by every backend.
+#include "gru.h"
+
+#include <c10/util/irange.h>
+
+#include "gru_math.h"
+
+namespace gru_fused {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream ss;
+  ss << t.sizes();
+  return ss.str();
+}
+
+void check_floating(const at::Tensor& t, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "gru_fused: ", name, " must be a floating point tensor (float32, float64, "
+              "float16 or bfloat16), got ", st);
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "gru_fused: ", name,
+              " has dtype ", t.scalar_type(), " but input has dtype ", input.scalar_type(),
+              "; all tensors must have one dtype");
+  TORCH_CHECK(t.device() == input.device(), "gru_fused: ", name, " is on ", t.device(),
+              " but input is on ", input.device(), "; all tensors must be on one device");
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name,
+                 const char* what) {
+  TORCH_CHECK(t.sizes() == expected, "gru_fused: ", name, " must have shape ", expected,
+              " ", what, ", got ", shape_str(t));
+}
+
+// Checks the forward's arguments; returns H.
+int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
+                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                           const std::optional<at::Tensor>& bias_ih,
+                           const std::optional<at::Tensor>& bias_hh,
+                           const std::optional<at::Tensor>& lengths) {
+  check_floating(input, "input");
+  TORCH_CHECK(input.dim() == 3, "gru_fused: input must be a 3-D tensor [T, B, I], got a ",
+              input.dim(), "-D tensor of shape ", shape_str(input));
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(T > 0 && B > 0, "gru_fused: input must have at least one step and one "
+              "sequence, got shape ", shape_str(input));
+  TORCH_CHECK(weight_hh.dim() == 2, "gru_fused: weight_hh must be a 2-D tensor [3H, H], "
+              "got shape ", shape_str(weight_hh));
+  const int64_t H = weight_hh.size(1);
+  TORCH_CHECK(H > 0, "gru_fused: weight_hh must have at least one hidden unit");
+  check_shape(weight_hh, {3 * H, H}, "weight_hh", "[3H, H] (gates r, z, n stacked)");
+  check_shape(weight_ih, {3 * H, I}, "weight_ih", "[3H, I] (I = input.size(2))");
+  check_shape(hx, {B, H}, "hx", "[B, H] (B = input.size(1), H = weight_hh.size(1))");
+  check_like(hx, input, "hx");
+  check_like(weight_ih, input, "weight_ih");
+  check_like(weight_hh, input, "weight_hh");
+  TORCH_CHECK(bias_ih.has_value() == bias_hh.has_value(),
+              "gru_fused: bias_ih and bias_hh must be given together or both omitted");
+  if (bias_ih.has_value()) {
+    check_shape(*bias_ih, {3 * H}, "bias_ih", "[3H]");
+    check_shape(*bias_hh, {3 * H}, "bias_hh", "[3H]");
+    check_like(*bias_ih, input, "bias_ih");
+    check_like(*bias_hh, input, "bias_hh");
+  }
+  if (lengths.has_value()) {
+    const at::Tensor& len = *lengths;
+    TORCH_CHECK(len.scalar_type() == at::kLong && len.dim() == 1 && len.size(0) == B,
+                "gru_fused: lengths must be a 1-D int64 tensor of size B = ", B, ", got ",
+                len.scalar_type(), " of shape ", shape_str(len));
+    TORCH_CHECK(len.device().is_cpu(), "gru_fused: lengths must be a CPU tensor (as "
+                "torch.nn.utils.rnn requires), got one on ", len.device());
+    const auto lo = len.min().item<int64_t>(), hi = len.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi <= T, "gru_fused: lengths must lie in [0, T] = [0, ", T,
+                "], got values in [", lo, ", ", hi, "]");
+  }
+  return H;
+}
+
+// dst [M, H] = sum_t src[t]^T h_prev(t), with src [T, B, M] (rows of a wider buffer)
+// and h_prev(t) = hx at the first step processed, else the output of the step before.
+// Two GEMMs instead of materialising h_prev [T, B, H].
+void grad_weight_from_hprev(at::Tensor dst, const at::Tensor& src, const at::Tensor& hx,
+                            const at::Tensor& output, bool reverse) {
+  const int64_t T = src.size(0), M = src.size(2), H = hx.size(1);
+  const int64_t first = reverse ? T - 1 : 0;
+  at::mm_out(dst, src[first].t(), hx);  // dst is a view: mm_out writes through it
+  if (T == 1) return;
+  // Steps after the first take h_prev = output of their predecessor.
+  auto later = reverse ? src.narrow(0, 0, T - 1) : src.narrow(0, 1, T - 1);
+  auto prev = reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
+  dst.addmm_(later.reshape({-1, M}).t(), prev.reshape({-1, H}));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse, ForwardLoop loop) {
+  // Kernels sit below autograd: the GEMMs here must not record a graph of their own.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                       lengths);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+
+  ForwardLoopArgs a;
+  a.reset_after = reset_after;
+  a.reverse = reverse;
+  a.hx = hx.contiguous();
+  a.weight_hh = weight_hh.contiguous();
+  a.gi = at::empty({T, B, 3 * H}, input.options());
+  auto gi2d = a.gi.view({T * B, 3 * H});
+  auto x2d = input.reshape({T * B, I});
+  if (bias_ih.has_value()) {
+    // Fold every bias that sits outside the reset gate into the input projection:
+    // b_hr, b_hz always; b_hn only when the reset is applied before the matmul.
+    auto folded = *bias_ih + *bias_hh;
+    if (reset_after) {
+      folded.narrow(0, kGateN * H, H).copy_(bias_ih->narrow(0, kGateN * H, H));
+      a.b_hn = bias_hh->narrow(0, kGateN * H, H).contiguous();
+    }
+    at::addmm_out(gi2d, folded, x2d, weight_ih.t());
+  } else {
+    at::mm_out(gi2d, x2d, weight_ih.t());
+  }
+  if (lengths.has_value()) a.lengths = lengths->to(input.device());
+  a.output = at::empty({T, B, H}, input.options());
+  a.workspace = at::empty({kNumSlots, T, B, H}, input.options());
+  loop(a);
+  // The state after the last step processed; with lengths, the carried state is each
+  // sequence's state after its own last step. A copy, so h_n is never a view of output.
+  at::Tensor h_n = a.output[reverse ? 0 : T - 1].clone();
+  return {a.output, h_n, a.workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                  const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+                  const at::Tensor& weight_hh, const at::Tensor& output,
+                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  std::array<bool, 6> output_mask, BackwardLoop loop) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, std::nullopt,
+                                       std::nullopt, std::nullopt);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  check_shape(grad_output, {T, B, H}, "grad_output", "[T, B, H]");
+  check_shape(grad_h_n, {B, H}, "grad_h_n", "[B, H]");
+  check_shape(output, {T, B, H}, "output", "[T, B, H] (the forward's output)");
+  check_shape(workspace, {kNumSlots, T, B, H}, "workspace",
+              "[4, T, B, H] (the forward's workspace)");
+  check_like(grad_output, input, "grad_output");
+  check_like(grad_h_n, input, "grad_h_n");
+  check_like(output, input, "output");
+  check_like(workspace, input, "workspace");
+
+  const auto empty = [&](const at::Tensor& like) { return like.new_empty({0}); };
+  const bool any = std::any_of(output_mask.begin(), output_mask.end(), [](bool b) { return b; });
+  if (!any) {
+    return {empty(input), empty(hx), empty(weight_ih), empty(weight_hh), empty(weight_ih),
+            empty(weight_ih)};
+  }
+
+  BackwardLoopArgs a;
+  a.reset_after = reset_after;
+  a.reverse = reverse;
+  a.grad_output = grad_output.contiguous();
+  a.grad_h_n = grad_h_n.contiguous();
+  a.hx = hx.contiguous();
+  a.weight_hh = weight_hh.contiguous();
+  a.output = output.contiguous();
+  a.workspace = workspace.contiguous();
+  a.dG = at::empty({T, B, 3 * H}, input.options());
+  a.dGh = reset_after ? at::empty({T, B, 3 * H}, input.options()) : a.dG;
+  a.grad_hx = at::empty({B, H}, hx.options());
+  loop(a);
+
+  auto dG2d = a.dG.view({T * B, 3 * H});
+  at::Tensor grad_input = output_mask[0]
+      ? at::mm(dG2d, weight_ih).view({T, B, I})
+      : empty(input);
+  at::Tensor grad_hx = output_mask[1] ? a.grad_hx : empty(hx);
+  at::Tensor grad_weight_ih = output_mask[2]
+      ? at::mm(dG2d.t(), input.reshape({T * B, I}))
+      : empty(weight_ih);
+  at::Tensor grad_weight_hh = empty(weight_hh);
+  if (output_mask[3]) {
+    grad_weight_hh = at::empty({3 * H, H}, weight_hh.options());
+    if (reset_after) {
+      grad_weight_from_hprev(grad_weight_hh, a.dGh, a.hx, a.output, reverse);
+    } else {
+      // Gates r, z see h_prev; the candidate sees r * h (saved in kSlotHn).
+      grad_weight_from_hprev(grad_weight_hh.narrow(0, 0, 2 * H), a.dG.narrow(2, 0, 2 * H),
+                             a.hx, a.output, reverse);
+      auto dW_hn = grad_weight_hh.narrow(0, kGateN * H, H);
+      at::mm_out(dW_hn,
+                 a.dG.narrow(2, kGateN * H, H).reshape({T * B, H}).t(),
+                 a.workspace[kSlotHn].view({T * B, H}));
+    }
+  }
+  at::Tensor grad_bias_ih = empty(weight_ih), grad_bias_hh = empty(weight_ih);
+  if (has_bias && output_mask[4]) grad_bias_ih = dG2d.sum(0);
+  if (has_bias && output_mask[5]) grad_bias_hh = a.dGh.view({T * B, 3 * H}).sum(0);
+  return {grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh};
+}
+
+}  // namespace gru_fused

@@ -1,0 +1,117 @@
+// The GRU gate math: the one place where the formulas live.
+//
+// Every backend (the CPU step loop, the CUDA kernels, the emulated CUDA kernels in the
+// tests) calls these functions per element, so the two formulas and their derivatives
+// are written exactly once. The value type V is a scalar (float, double) or a SIMD
+// vector (at::vec::Vectorized<float> on the CPU); Math<V> supplies sigmoid and tanh.
+//
+// Formulas (per batch row b and hidden unit j; gi = W_i* x + b_i*, gh = W_h* h + b_h*):
+//   r  = sigmoid(gi_r + gh_r)
+//   z  = sigmoid(gi_z + gh_z)
+//   n  = tanh(gi_n + r * gh_n)          reset_after (nn.GRU, cuDNN), gh_n = W_hn h + b_hn
+//   n  = tanh(gi_n + gh_n)              reset_before (d2l, Cho et al.), gh_n = W_hn (r h) + b_hn
+//   h' = n + z * (h - n)                (= (1 - z) n + z h)
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define GRU_HD __host__ __device__ __forceinline__
+#else
+#define GRU_HD inline
+#endif
+
+namespace gru_fused {
+
+// Gate order inside every [.., 3H] buffer, as in nn.GRU's weights: reset, update, new.
+enum Gate : int { kGateR = 0, kGateZ = 1, kGateN = 2, kNumGates = 3 };
+
+// Slots of the workspace [4, T, B, H] saved by the forward for the backward.
+// kSlotHn holds W_hn h + b_hn when reset_after (dr needs it) and r * h otherwise
+// (dW_hn needs it); either way the forward has it in hand and backward would
+// otherwise have to recompute a GEMM.
+enum Slot : int { kSlotR = 0, kSlotZ = 1, kSlotN = 2, kSlotHn = 3, kNumSlots = 4 };
+
+// sigmoid / tanh per value type. Scalar overloads are explicit for float and double:
+// a generic exp() in a template instantiated for both would silently compute float64
+// gradients in float32 on some toolchains.
+template <typename V>
+struct Math;
+
+template <>
+struct Math<float> {
+  GRU_HD static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+  GRU_HD static float tanh(float x) { return tanhf(x); }
+};
+
+template <>
+struct Math<double> {
+  GRU_HD static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
+  GRU_HD static double tanh(double x) { return ::tanh(x); }
+};
+
+// Forward and backward of one GRU cell element. kResetAfter selects the formula; the
+// two differ only in candidate() and in where dr comes from in the backward.
+template <typename V, bool kResetAfter>
+struct GruCell {
+  using M = Math<V>;
+
+  // r and z from their pre-activations (the biases are already in gi or gh).
+  GRU_HD static void gates_rz(V gi_r, V gi_z, V gh_r, V gh_z, V& r, V& z) {
+    r = M::sigmoid(gi_r + gh_r);
+    z = M::sigmoid(gi_z + gh_z);
+  }
+
+  // The candidate state. gh_n is W_hn h + b_hn (reset_after) or W_hn (r h) + b_hn.
+  GRU_HD static V candidate(V gi_n, V gh_n, V r) {
+    if constexpr (kResetAfter) {
+      return M::tanh(gi_n + r * gh_n);
+    } else {
+      return M::tanh(gi_n + gh_n);
+    }
+  }
+
+  GRU_HD static V update(V z, V n, V h_prev) { return n + z * (h_prev - n); }
+
+  // Backward of one element given dh = dL/dh' and the saved r, z, n, h_prev, and
+  // saved_hn (slot kSlotHn). Produces the gradients of the pre-activations:
+  //   dr, dz, dn  w.r.t. gi_r, gi_z, gi_n (equal to those w.r.t. gh_r, gh_z),
+  //   dgh_n       w.r.t. gh_n,
+  //   dh_prev     the direct share of dL/dh (through z); the recurrent GEMM adds the rest.
+  // reset_before: dr needs g = dn W_hn, a GEMM over all units, so dr is left at zero
+  // here and completed by reset_before_dr() once g is known.
+  GRU_HD static void backward(V dh, V r, V z, V n, V h_prev, V saved_hn, V& dr, V& dz,
+                              V& dn, V& dgh_n, V& dh_prev) {
+    const V one(1);
+    dz = dh * (h_prev - n) * z * (one - z);
+    dn = dh * (one - z) * (one - n * n);
+    dh_prev = dh * z;
+    if constexpr (kResetAfter) {
+      dgh_n = dn * r;
+      dr = dn * saved_hn * r * (one - r);
+    } else {
+      dgh_n = dn;
+      dr = V(0);
+    }
+  }
+
+  // reset_before only: with g = dL/d(r h) = dn W_hn, the reset gate's gradient and its
+  // share of dL/dh_prev.
+  GRU_HD static void reset_before_dr(V g, V r, V h_prev, V& dr, V& dh_prev) {
+    const V one(1);
+    dr = g * h_prev * r * (one - r);
+    dh_prev = dh_prev + g * r;
+  }
+
+  // A padded step (t >= lengths[b]) carries the state unchanged. Saving r = 0, z = 1,
+  // n = 0 makes update() return h_prev exactly and backward() pass dh straight through
+  // with zero gate gradients, so the backward needs no notion of lengths.
+  GRU_HD static void padded(V& r, V& z, V& n, V& saved_hn) {
+    r = V(0);
+    z = V(1);
+    n = V(0);
+    saved_hn = V(0);
+  }
+};
+
+}  // namespace gru_fused

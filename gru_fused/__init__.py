@@ -1,0 +1,15 @@
+"""gru_fused: fused GRU kernels for PyTorch (CPU and CUDA), a drop-in for torch.nn.GRU.
+
+    gru_fused.gru(...)            differentiable functional op, one layer, one direction
+    gru_fused.FusedGRU            drop-in replacement for torch.nn.GRU
+    gru_fused.scratch             drop-in for the d2l from-scratch GRU functions
+    gru_fused.reference           pure-PyTorch references of both formulas
+    gru_fused.cuda_compiled()     whether the CUDA kernels were compiled into the extension
+"""
+from . import ops, reference
+from .ops import gru, cuda_compiled
+from .module import FusedGRU
+from . import scratch
+
+__all__ = ["gru", "cuda_compiled", "FusedGRU", "ops", "reference", "scratch"]
+__version__ = "0.1.0"

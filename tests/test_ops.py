@@ -1,0 +1,358 @@
+"""The registered ops: gradients, parity with nn.GRU and the reference, opcheck,
+torch.compile, input validation, lengths and determinism.
+
+Each check is a private helper taking ``device``; ``_cpu`` and ``_cuda`` wrappers run it
+(the CUDA one skips with a reason when no GPU or no CUDA kernels).
+"""
+import itertools
+
+import pytest
+import torch
+
+import gru_fused
+from gru_fused import reference
+
+VARIANTS = list(itertools.product([True, False], [False, True], [True, False]))
+VARIANT_IDS = [f"{'after' if ra else 'before'}-{'rev' if rv else 'fwd'}-{'bias' if b else 'nobias'}"
+               for ra, rv, b in VARIANTS]
+
+
+def make_args(T, B, I, H, bias=True, dtype=torch.float64, device="cpu", requires_grad=True,
+              seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        t = torch.randn(*shape, generator=g, dtype=dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    x, hx = rnd(T, B, I), rnd(B, H)
+    w_ih, w_hh = rnd(3 * H, I), rnd(3 * H, H)
+    b_ih, b_hh = (rnd(3 * H), rnd(3 * H)) if bias else (None, None)
+    return x, hx, w_ih, w_hh, b_ih, b_hh
+
+
+def grads_of(fn, args, seed=1):
+    """Output, h_n and the gradients of a fixed random projection of both."""
+    out, h_n = fn(*args)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+    gh = torch.randn(h_n.shape, generator=g, dtype=out.dtype).to(out.device)
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    grads = torch.autograd.grad((out * go).sum() + (h_n * gh).sum(), leaves)
+    return [out, h_n, *grads]
+
+
+def fused(reset_after, reverse, lengths=None):
+    return lambda *a: gru_fused.gru(*a, reset_after=reset_after, reverse=reverse,
+                                    lengths=lengths)
+
+
+# --- gradcheck ------------------------------------------------------------------------
+
+def _gradcheck(device, reset_after, reverse, bias, shape):
+    args = make_args(*shape, bias=bias, device=device)
+    assert torch.autograd.gradcheck(fused(reset_after, reverse), args)
+
+
+@pytest.mark.parametrize("reset_after,reverse,bias", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (4, 3, 5, 7)], ids=["T1B1H5", "T4B3H7"])
+def test_gradcheck_cpu(reset_after, reverse, bias, shape):
+    _gradcheck("cpu", reset_after, reverse, bias, shape)
+
+
+@pytest.mark.parametrize("reset_after,reverse,bias", VARIANTS, ids=VARIANT_IDS)
+def test_gradcheck_cuda(cuda_device, reset_after, reverse, bias):
+    _gradcheck(cuda_device, reset_after, reverse, bias, (4, 3, 5, 37))
+
+
+# --- parity with the reference and with nn.GRU ----------------------------------------
+
+def _matches_reference(device, reset_after, reverse, bias, dtype, tol):
+    args = make_args(6, 4, 5, 9, bias=bias, dtype=dtype, device=device)
+    got = grads_of(fused(reset_after, reverse), args)
+    want = grads_of(lambda *a: reference.gru_layer(*a, reset_after, reverse), args)
+    for name, g, w in zip(["output", "h_n", "grads..."], got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    assert len(got) == len(want)
+
+
+@pytest.mark.parametrize("reset_after,reverse,bias", VARIANTS, ids=VARIANT_IDS)
+def test_matches_reference_cpu(reset_after, reverse, bias):
+    # float64: both sides compute the same formula; only rounding order differs.
+    _matches_reference("cpu", reset_after, reverse, bias, torch.float64, 1e-12)
+
+
+@pytest.mark.parametrize("reset_after,reverse,bias", VARIANTS, ids=VARIANT_IDS)
+def test_matches_reference_cuda(cuda_device, reset_after, reverse, bias):
+    _matches_reference(cuda_device, reset_after, reverse, bias, torch.float64, 1e-12)
+
+
+def _matches_nn_gru(device, dtype, tol, bias, reverse):
+    """reset_after=True is nn.GRU: copy the weights, compare outputs and all gradients."""
+    T, B, I, H = 7, 3, 6, 11
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(I, H, bias=bias, bidirectional=reverse, dtype=dtype, device=device)
+    sfx = "_reverse" if reverse else ""
+    params = [getattr(ref, f"weight_ih_l0{sfx}"), getattr(ref, f"weight_hh_l0{sfx}")]
+    params += [getattr(ref, f"bias_ih_l0{sfx}"), getattr(ref, f"bias_hh_l0{sfx}")] if bias else [None, None]
+    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
+    hx = torch.randn(B, H, dtype=dtype, device=device, requires_grad=True)
+
+    def nn_gru(x, hx, *_):
+        if not reverse:
+            out, h_n = ref(x, hx[None])
+            return out, h_n[0]
+        # The reverse direction of a bidirectional nn.GRU is our reverse=True.
+        out, h_n = ref(x, torch.stack([torch.zeros_like(hx), hx]))
+        return out[..., H:], h_n[1]
+
+    args = (x, hx, *params)
+    got = grads_of(fused(True, reverse), args)
+    want = grads_of(nn_gru, args)
+    assert len(got) == len(want) == 6 + 2 * bias
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_matches_nn_gru_cpu(dtype, tol, bias, reverse):
+    _matches_nn_gru("cpu", dtype, tol, bias, reverse)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_matches_nn_gru_cuda(cuda_device, bias, reverse):
+    # cuDNN float32 may use TF32-free but reordered sums: a few ulps over 7 steps.
+    _matches_nn_gru(cuda_device, torch.float32, 1e-4, bias, reverse)
+
+
+# --- reduced precision -----------------------------------------------------------------
+
+def _low_precision_error(device, dtype):
+    """The fused result's error against float64 is at most twice nn.GRU's own error in
+    the same dtype (flash-attention's rule), both for outputs and gradients."""
+    args64 = make_args(8, 4, 16, 32, dtype=torch.float64, device=device)
+    with torch.no_grad():  # nn.GRU's init scale, so the recurrence is not chaotic
+        for w in args64[2:]:
+            w.mul_(32 ** -0.5)
+    exact = grads_of(fused(True, False), args64)
+    low = [a.detach().to(dtype).requires_grad_() for a in args64]
+    got = grads_of(fused(True, False), low)
+
+    gru = torch.nn.GRU(16, 32, device=device, dtype=dtype)
+    with torch.no_grad():
+        for p, src in zip([gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0],
+                          low[2:]):
+            p.copy_(src)
+    x, hx = low[0].detach().requires_grad_(), low[1].detach().requires_grad_()
+
+    def nn_gru(x, hx, *_):
+        out, h_n = gru(x, hx[None])
+        return out, h_n[0]
+
+    theirs = grads_of(nn_gru, (x, hx, *gru.parameters()))
+    for name, e, g, t in zip(["output", "h_n", "x", "hx", "w_ih", "w_hh", "b_ih", "b_hh"],
+                             exact, got, theirs):
+        ours_err = (g.double() - e).abs().max().item()
+        their_err = (t.double() - e).abs().max().item()
+        assert ours_err <= 2 * their_err + 1e-6, f"{name}: {ours_err} vs nn.GRU's {their_err}"
+
+
+def test_bfloat16_error_cpu():
+    _low_precision_error("cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_cuda(cuda_device, dtype):
+    _low_precision_error(cuda_device, dtype)
+
+
+# --- lengths ----------------------------------------------------------------------------
+
+def _lengths(device, reset_after, reverse):
+    """Sequence b runs its own lengths[b] steps; h_n is its state after them; padded
+    steps carry the state and receive no gradient through the gates."""
+    T, B, I, H = 6, 4, 3, 5
+    lengths = torch.tensor([6, 3, 1, 0])
+    args = make_args(T, B, I, H, device=device)
+    got = grads_of(fused(reset_after, reverse, lengths), args)
+    out, h_n = got[0], got[1]
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            torch.testing.assert_close(h_n[b], args[1][b])
+            continue
+        sub = (args[0][:n, b:b + 1], args[1][b:b + 1], *args[2:])
+        o, h = reference.gru_layer(*sub, reset_after, reverse)
+        torch.testing.assert_close(out[:n, b:b + 1], o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h_n[b:b + 1], h, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fused(reset_after, reverse, lengths), args)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lengths_cpu(reset_after, reverse):
+    _lengths("cpu", reset_after, reverse)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lengths_cuda(cuda_device, reset_after, reverse):
+    _lengths(cuda_device, reset_after, reverse)
+
+
+# --- opcheck and torch.compile -----------------------------------------------------------
+
+def _opcheck(device, requires_grad, reset_after):
+    args = make_args(3, 2, 4, 5, device=device, requires_grad=requires_grad)
+    lengths = torch.tensor([3, 2])
+    torch.library.opcheck(torch.ops.gru_fused.gru_forward.default,
+                          (*args, None, reset_after, False))
+    torch.library.opcheck(torch.ops.gru_fused.gru_forward.default,
+                          (*args, lengths, reset_after, True))
+    with torch.no_grad():
+        out, h_n, ws = torch.ops.gru_fused.gru_forward(*args, None, reset_after, False)
+    for mask in ([True] * 6, [False, True, False, True, True, False]):
+        bw_args = (torch.randn_like(out), torch.randn_like(h_n), *args[:4], out, ws, True,
+                   reset_after, False, mask)
+        torch.library.opcheck(torch.ops.gru_fused.gru_backward.default, bw_args)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_opcheck_cpu(requires_grad, reset_after):
+    _opcheck("cpu", requires_grad, reset_after)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_opcheck_cuda(cuda_device, requires_grad, reset_after):
+    _opcheck(cuda_device, requires_grad, reset_after)
+
+
+def _compile_matches_eager(device, reset_after):
+    torch.manual_seed(0)
+    model = gru_fused.FusedGRU(5, 7, reset_after=reset_after, device=device)
+    x = torch.randn(4, 3, 5, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = grads_of(lambda x: compiled(x), (x.requires_grad_(),))
+    want = grads_of(lambda x: model(x), (x,))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # The parameters' gradients too.
+    model.zero_grad()
+    compiled(x)[0].sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x)[0].sum().backward()
+    for g, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_compile_matches_eager_cpu(reset_after):
+    _compile_matches_eager("cpu", reset_after)
+
+
+def test_compile_matches_eager_cuda(cuda_device):
+    _compile_matches_eager(cuda_device, True)
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+def _deterministic(device, reset_after):
+    args = make_args(9, 5, 6, 13, dtype=torch.float32, device=device)
+    first = grads_of(fused(reset_after, False), args)
+    second = grads_of(fused(reset_after, False), args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_deterministic_cpu(reset_after):
+    _deterministic("cpu", reset_after)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_deterministic_cuda(cuda_device, reset_after):
+    _deterministic(cuda_device, reset_after)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+def call(x, hx, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None):
+    return torch.ops.gru_fused.gru_forward(x, hx, w_ih, w_hh, b_ih, b_hh, lengths, True, False)
+
+
+def good(dtype=torch.float32):
+    return make_args(3, 2, 4, 5, dtype=dtype, requires_grad=False)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: (a[0][0], *a[1:]), r"input must be a 3-D tensor \[T, B, I\], got a 2-D"),
+    (lambda a: (a[0].long(), *a[1:]), r"input must be a floating point tensor"),
+    (lambda a: (a[0], a[1][:1], *a[2:]), r"hx must have shape \[2, 5\]"),
+    (lambda a: (a[0], a[1], a[2][:, :3], *a[3:]), r"weight_ih must have shape \[15, 4\]"),
+    (lambda a: (a[0], a[1], a[2], a[3][:14], *a[4:]), r"weight_hh must have shape \[15, 5\]"),
+    (lambda a: (a[0], a[1], a[2], a[3], a[4][:3], a[5]), r"bias_ih must have shape \[15\]"),
+    (lambda a: (a[0], a[1], a[2], a[3], a[4], None), r"bias_ih and bias_hh must be given together"),
+    (lambda a: (a[0], a[1].double(), *a[2:]), r"hx has dtype Double but input has dtype Float"),
+    (lambda a: (a[0], a[1], a[2].double(), *a[3:]), r"weight_ih has dtype Double"),
+    (lambda a: (a[0][:0], a[1], *a[2:]), r"input must have at least one step"),
+])
+def test_bad_input_messages(mutate, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(*mutate(good()))
+
+
+@pytest.mark.parametrize("lengths,message", [
+    (torch.tensor([3, 4]), r"lengths must lie in \[0, T\] = \[0, 3\], got values in \[3, 4\]"),
+    (torch.tensor([3.0, 1.0]), r"lengths must be a 1-D int64 tensor of size B = 2"),
+    (torch.tensor([3]), r"lengths must be a 1-D int64 tensor of size B = 2"),
+])
+def test_bad_lengths_messages(lengths, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(*good(), lengths=lengths)
+
+
+def test_device_mismatch_cuda(cuda_device):
+    args = list(good())
+    with pytest.raises(RuntimeError, match=r"weight_hh is on cpu but input is on cuda"):
+        call(args[0].cuda(), args[1].cuda(), args[2].cuda(), *args[3:])
+    with pytest.raises(RuntimeError, match=r"lengths must be a CPU tensor"):
+        call(*[a.cuda() for a in args], lengths=torch.tensor([3, 1], device=cuda_device))
+
+
+def test_backward_rejects_mismatched_workspace():
+    args = good()
+    out, h_n, ws = call(*args)
+    with pytest.raises(RuntimeError, match=r"workspace must have shape \[4, 3, 2, 5\]"):
+        torch.ops.gru_fused.gru_backward(out, h_n, *args[:4], out, ws[:, :2], True, True,
+                                         False, [True] * 6)
+
+
+def test_hx_none_means_zeros():
+    x, hx, w_ih, w_hh, b_ih, b_hh = good()
+    got = gru_fused.gru(x, None, w_ih, w_hh, b_ih, b_hh)
+    want = gru_fused.gru(x, torch.zeros_like(hx), w_ih, w_hh, b_ih, b_hh)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_h_n_is_not_a_view():
+    x, hx, w_ih, w_hh, b_ih, b_hh = good()
+    out, h_n = gru_fused.gru(x, hx, w_ih, w_hh, b_ih, b_hh)
+    assert h_n._base is None and h_n.data_ptr() != out[-1].data_ptr()
+    torch.testing.assert_close(h_n, out[-1])
+
+
+def test_masked_backward_skips_gradients():
+    """Parameters with requires_grad=False get no gradient and no work."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = make_args(3, 2, 4, 5)
+    w_ih.requires_grad_(False)
+    b_ih.requires_grad_(False)
+    out, h_n = gru_fused.gru(x, hx, w_ih, w_hh, b_ih, b_hh)
+    (out.sum() + h_n.sum()).backward()
+    assert w_ih.grad is None and b_ih.grad is None
+    assert x.grad is not None and w_hh.grad is not None and b_hh.grad is not None
