@@ -167,14 +167,15 @@ void forward_loop(const ForwardLoopArgs& a) {
         const bool act = active(b);
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t e = b * H + j;
-          acc_t r = r_t[e], z = z_t[e], hn = hn_t[e];
+          acc_t r = r_t[e], z = z_t[e], unused_hn;
           acc_t n = Cell::candidate(gib[kGateN * H + j], ghb[kGateN * H + j], r);
-          if (!act) Cell::padded(r, z, n, hn);
+          // A padded step keeps r h in its slot, as the CUDA kernel must (its gradient
+          // contributions are zero whatever the slot holds).
+          if (!act) Cell::padded(r, z, n, unused_hn);
           h_t[e] = Cell::update(z, n, acc_t(hp[e]));
           r_t[e] = r;
           z_t[e] = z;
           n_t[e] = n;
-          hn_t[e] = hn;
         }
       });
     }

@@ -1,0 +1,50 @@
+// CUDA backend: registers the fused kernels (gru_kernels.cuh) for CUDA tensors.
+// Launches go to the current stream under a device guard; nothing in the step loops
+// synchronises with the host or allocates, so forward + backward can be graph-captured.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "gru_device_loops.h"
+
+namespace gru_fused {
+namespace {
+
+void forward_loop_cuda(const ForwardLoopArgs& a) {
+  cuda::forward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.gi.device().index()));
+}
+
+void backward_loop_cuda(const BackwardLoopArgs& a) {
+  cuda::backward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.dG.device().index()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return gru_forward_impl(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                          reset_after, reverse, &forward_loop_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                  const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+                  const at::Tensor& weight_hh, const at::Tensor& output,
+                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  std::array<bool, 6> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return gru_backward_impl(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
+                           workspace, has_bias, reset_after, reverse, output_mask,
+                           &backward_loop_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gru_fused, CUDA, m) {
+  m.impl("gru_forward", &gru_forward_cuda);
+  m.impl("gru_backward", &gru_backward_cuda);
+}
+
+}  // namespace gru_fused

@@ -1,0 +1,74 @@
+// The CUDA backend's step loops on ATen tensors: dtype dispatch, the kernels' parameter
+// structs, and the launches. Shared by gru_cuda.cu (nvcc, the GPU) and by the emulation
+// test extension (g++ with GRU_EMULATE_CUDA, the CPU), so the tests run this exact code.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "gru.h"
+#include "gru_kernels.cuh"
+
+namespace gru_fused {
+namespace cuda {
+
+inline void check_launchable(int64_t T, int64_t B, int64_t H) {
+  constexpr int64_t kMaxInt = 2147483647;
+  TORCH_CHECK(T <= kMaxInt && H <= kMaxInt / 3, "gru_fused: T and 3H must fit in int32");
+  TORCH_CHECK(B <= int64_t(65535) * kTileB, "gru_fused (CUDA): batch size ", B,
+              " exceeds the kernels' grid limit of ", int64_t(65535) * kTileB);
+}
+
+inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
+  const int64_t T = a.gi.size(0), B = a.gi.size(1), H = a.hx.size(1);
+  check_launchable(T, B, H);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gi.scalar_type(),
+                                  "gru_fused_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardParams<scalar_t> p;
+    p.gi = a.gi.data_ptr<scalar_t>();
+    p.hx = a.hx.data_ptr<scalar_t>();
+    p.w_hh = a.weight_hh.data_ptr<scalar_t>();
+    p.b_hn = a.b_hn.defined() ? a.b_hn.data_ptr<scalar_t>() : nullptr;
+    p.lengths = a.lengths.defined() ? a.lengths.data_ptr<int64_t>() : nullptr;
+    p.output = a.output.data_ptr<scalar_t>();
+    p.workspace = a.workspace.data_ptr<scalar_t>();
+    p.T = static_cast<int>(T);
+    p.B = static_cast<int>(B);
+    p.H = static_cast<int>(H);
+    p.reverse = a.reverse;
+    if (a.reset_after) forward_steps<scalar_t, acc_t, true>(p, stream);
+    else forward_steps<scalar_t, acc_t, false>(p, stream);
+  });
+}
+
+inline void backward_loop_device(const BackwardLoopArgs& a, gru_stream_t stream) {
+  const int64_t T = a.output.size(0), B = a.output.size(1), H = a.output.size(2);
+  check_launchable(T, B, H);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dG.scalar_type(),
+                                  "gru_fused_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // dL/dh_prev's direct share, carried from step to step in acc_t; allocated once here.
+    at::Tensor dh_direct = at::empty({B, H}, a.dG.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    BackwardParams<scalar_t, acc_t> p;
+    p.grad_output = a.grad_output.data_ptr<scalar_t>();
+    p.grad_h_n = a.grad_h_n.data_ptr<scalar_t>();
+    p.hx = a.hx.data_ptr<scalar_t>();
+    p.w_hh = a.weight_hh.data_ptr<scalar_t>();
+    p.output = a.output.data_ptr<scalar_t>();
+    p.workspace = a.workspace.data_ptr<scalar_t>();
+    p.dG = a.dG.data_ptr<scalar_t>();
+    p.dGh = a.dGh.data_ptr<scalar_t>();
+    p.dh_direct = dh_direct.data_ptr<acc_t>();
+    p.grad_hx = a.grad_hx.data_ptr<scalar_t>();
+    p.T = static_cast<int>(T);
+    p.B = static_cast<int>(B);
+    p.H = static_cast<int>(H);
+    p.reverse = a.reverse;
+    if (a.reset_after) backward_steps<scalar_t, acc_t, true>(p, stream);
+    else backward_steps<scalar_t, acc_t, false>(p, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace gru_fused

@@ -1,0 +1,56 @@
+// Test-only extension: the CUDA backend's step loops (csrc/gru_device_loops.h, the very
+// kernels nvcc compiles) run on CPU tensors through the emulation layer, registered as
+// torch.ops.gru_fused_emu.gru_forward / gru_backward with the schemas of gru_fused's ops.
+// Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
+#ifndef GRU_EMULATE_CUDA
+#error "build with -DGRU_EMULATE_CUDA"
+#endif
+#include <torch/library.h>
+
+#include "gru_device_loops.h"
+
+namespace gru_fused {
+namespace {
+
+void forward_loop_emu(const ForwardLoopArgs& a) { cuda::forward_loop_device(a, nullptr); }
+void backward_loop_emu(const BackwardLoopArgs& a) { cuda::backward_loop_device(a, nullptr); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse) {
+  return gru_forward_impl(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                          reset_after, reverse, &forward_loop_emu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& output, const at::Tensor& workspace, bool has_bias, bool reset_after,
+    bool reverse, std::array<bool, 6> output_mask) {
+  return gru_backward_impl(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
+                           workspace, has_bias, reset_after, reverse, output_mask,
+                           &backward_loop_emu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gru_fused_emu, m) {
+  m.def(
+      "gru_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reset_after, bool reverse) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool has_bias, "
+      "bool reset_after, bool reverse, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gru_fused_emu, CPU, m) {
+  m.impl("gru_forward", &forward);
+  m.impl("gru_backward", &backward);
+}
+
+}  // namespace gru_fused
