@@ -45,8 +45,8 @@ int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
   TORCH_CHECK(input.dim() == 3, "gru_fused: input must be a 3-D tensor [T, B, I], got a ",
               input.dim(), "-D tensor of shape ", shape_str(input));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  TORCH_CHECK(T > 0 && B > 0, "gru_fused: input must have at least one step and one "
-              "sequence, got shape ", shape_str(input));
+  TORCH_CHECK(T > 0, "gru_fused: input must have at least one step, got shape ",
+              shape_str(input));
   TORCH_CHECK(weight_hh.dim() == 2, "gru_fused: weight_hh must be a 2-D tensor [3H, H], "
               "got shape ", shape_str(weight_hh));
   const int64_t H = weight_hh.size(1);
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
   if (lengths.has_value()) a.lengths = lengths->to(input.device());
   a.output = at::empty({T, B, H}, input.options());
   a.workspace = at::empty({kNumSlots, T, B, H}, input.options());
-  loop(a);
+  if (B > 0) loop(a);  // an empty batch has nothing to step (as nn.GRU allows)
   // The state after the last step processed; with lengths, the carried state is each
   // sequence's state after its own last step. A copy, so h_n is never a view of output.
   at::Tensor h_n = a.output[reverse ? 0 : T - 1].clone();
@@ -176,7 +176,12 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   a.dG = at::empty({T, B, 3 * H}, input.options());
   a.dGh = reset_after ? at::empty({T, B, 3 * H}, input.options()) : a.dG;
   a.grad_hx = at::empty({B, H}, hx.options());
-  loop(a);
+  if (B > 0) {
+    loop(a);
+  } else {  // the post-loop GEMMs over zero rows then give zero weight gradients
+    a.dG.zero_();
+    a.dGh.zero_();
+  }
 
   auto dG2d = a.dG.view({T * B, 3 * H});
   at::Tensor grad_input = output_mask[0]
