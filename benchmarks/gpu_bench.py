@@ -51,17 +51,24 @@ def measure(fn, min_run_time):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="short timings")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on any device: checks the script itself (tests)")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs a GPU"
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        assert torch.cuda.is_available(), "needs a GPU (or --device cpu --smoke)"
     env = {"torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version(), "device": torch.cuda.get_device_name(),
+           "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
+           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
            "gru_fused_cuda": gru_fused.cuda_compiled()}
     print("environment:", env)
     shapes = [(28, 256, 32, 35)] + [(h, h, b, t) for h in (256, 1024) for b in (1, 32, 256)
                                      for t in (35, 256)]
-    min_time = 0.05 if args.quick else 0.3
+    if args.smoke:
+        shapes = [(5, 8, 2, 3), (8, 8, 1, 4)]
+    min_time = 0.01 if args.smoke else 0.05 if args.quick else 0.3
     rows = []
     for I, H, B, T in shapes:
         torch.manual_seed(0)
@@ -82,7 +89,7 @@ def main():
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     print()
-    print(f"GPU benchmark, float32, one layer ({env['device']}, torch {env['torch']}, cuDNN {env['cudnn']})")
+    print(f"Benchmark, float32, one layer ({env['device']}, torch {env['torch']}, cuDNN {env['cudnn']})")
     header = f"{'I':>5} {'H':>5} {'B':>4} {'T':>4} | {'fwd fused':>12} {'fwd nn':>12} {'x':>6} | {'f+b fused':>12} {'f+b nn':>12} {'x':>6} | {'f+b ref':>12}"
     print(header)
     print("-" * len(header))

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "gru_device_loops.h"
+#include "schemas.h"
 
 namespace gru_fused {
 namespace {
@@ -37,15 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY(gru_fused_emu, m) {
-  m.def(
-      "gru_forward(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reset_after, bool reverse) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
-      "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool has_bias, "
-      "bool reset_after, bool reverse, bool[6] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(kForwardSchema);
+  m.def(kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(gru_fused_emu, CPU, m) {
