@@ -5,16 +5,31 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "gru_device_loops.h"
 
 namespace gru_fused {
 namespace {
 
+// The kernels' shared memory is fixed by their tiles: at most rows_smem_bytes<double>(3),
+// about 27 KB, within the 48 KB any CUDA GPU grants a block without opting in. Checked
+// against what the device reports (an attribute query: no sync, fine during capture).
+void check_shared_memory(c10::DeviceIndex device) {
+  constexpr size_t needed = std::max(cuda::rows_smem_bytes<double>(3), cuda::cols_smem_bytes<double>());
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  TORCH_CHECK(needed <= static_cast<size_t>(limit), "gru_fused: the CUDA kernels need ", needed,
+              " bytes of shared memory per block; device ", int(device), " allows ", limit);
+}
+
 void forward_loop_cuda(const ForwardLoopArgs& a) {
+  check_shared_memory(a.gi.device().index());
   cuda::forward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.gi.device().index()));
 }
 
 void backward_loop_cuda(const BackwardLoopArgs& a) {
+  check_shared_memory(a.dG.device().index());
   cuda::backward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.dG.device().index()));
 }
 
