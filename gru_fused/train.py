@@ -1,0 +1,411 @@
+"""The book's GRU language model on The Time Machine, with four interchangeable GRUs.
+
+"Dive into Deep Learning", section "Gated Recurrent Units": a character-level model
+(one-hot input -> GRU -> linear output), cross-entropy, SGD with lr 1, gradient
+clipping to norm 1, sequential minibatches with the state carried (and detached) from
+one minibatch to the next, perplexity per epoch and greedy generation after a prefix.
+The loop here is the book's train_ch8 / train_epoch_ch8 / predict_ch8 / grad_clipping.
+
+Implementations (--impl):
+
+    scratch        the book's from-scratch Python GRU (gru_fused.reference.d2l_gru)
+    fused_scratch  the same functions, the loop replaced by the fused op (gru_fused.scratch.gru)
+    nn             torch.nn.GRU inside the book's RNNModel
+    fused          gru_fused.FusedGRU inside the book's RNNModel
+
+The same --seed gives the same initial weights to nn and fused (both use nn.GRU's
+initialisation and parameter order, then the output layer's) and to scratch and
+fused_scratch (both use gru_fused.scratch.get_params), and the same minibatches to all.
+
+    python -m gru_fused.train --impl fused --epochs 500
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import data as tm_data
+
+IMPLS = ("scratch", "fused_scratch", "nn", "fused")
+PREFIXES = ("time traveller", "traveller")
+NUM_PREDS = 50
+
+
+# --- The book's models ----------------------------------------------------------------
+
+class RNNModelScratch:
+    """d2l.RNNModelScratch: parameters from get_params, the step loop in forward_fn."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, device, get_params: Callable,
+                 init_state: Callable, forward_fn: Callable):
+        self.vocab_size, self.num_hiddens = vocab_size, num_hiddens
+        self.params = get_params(vocab_size, num_hiddens, device)
+        self.init_state, self.forward_fn = init_state, forward_fn
+
+    def __call__(self, X, state):
+        # X [B, T] token indices -> one-hot [T, B, V].
+        X = F.one_hot(X.T.long(), self.vocab_size).float()
+        return self.forward_fn(X, state, self.params)
+
+    def begin_state(self, batch_size: int, device):
+        return self.init_state(batch_size, self.num_hiddens, device)
+
+    def parameters(self):
+        return iter(self.params)
+
+
+class RNNModel(nn.Module):
+    """d2l.RNNModel for a single-direction GRU layer: one-hot -> rnn -> Linear(H, V)."""
+
+    def __init__(self, rnn_layer: nn.Module, vocab_size: int):
+        super().__init__()
+        self.rnn = rnn_layer
+        self.vocab_size = vocab_size
+        self.num_hiddens = self.rnn.hidden_size
+        self.num_directions = 2 if self.rnn.bidirectional else 1
+        self.linear = nn.Linear(self.num_hiddens * self.num_directions, self.vocab_size)
+
+    def forward(self, inputs, state):
+        X = F.one_hot(inputs.T.long(), self.vocab_size).float()  # [T, B, V]
+        Y, state = self.rnn(X, state)  # Y [T, B, H]
+        # [T * B, V]: row t * B + b is step t of sequence b, matching Y.T.reshape(-1) labels.
+        output = self.linear(Y.reshape((-1, Y.shape[-1])))
+        return output, state
+
+    def begin_state(self, device, batch_size: int = 1):
+        return torch.zeros((self.num_directions * self.rnn.num_layers, batch_size,
+                            self.num_hiddens), device=device)
+
+
+def make_net(impl: str, vocab_size: int, num_hiddens: int, device, seed: Optional[int] = None):
+    """The book's network for one implementation; seed, if given, is set just before
+    the parameters are created, so equal seeds give equal weights where formulas agree."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl.startswith("fused") and torch.device(device).type == "cuda":
+        from .ops import cuda_compiled
+        if not cuda_compiled():
+            raise RuntimeError(f"--impl {impl} on {device}: this build of gru_fused has no "
+                               "CUDA kernels; rebuild it with CUDA, or use --device cpu")
+    if seed is not None:
+        torch.manual_seed(seed)
+    if impl in ("scratch", "fused_scratch"):
+        from . import reference, scratch
+        forward_fn = reference.d2l_gru if impl == "scratch" else scratch.gru
+        return RNNModelScratch(vocab_size, num_hiddens, device, scratch.get_params,
+                               scratch.init_gru_state, forward_fn)
+    if impl == "nn":
+        layer = nn.GRU(vocab_size, num_hiddens)
+    else:
+        from .module import FusedGRU
+        layer = FusedGRU(vocab_size, num_hiddens)
+    return RNNModel(layer, vocab_size).to(device)
+
+
+# --- The book's training loop -----------------------------------------------------------
+
+def sgd(params: Sequence[torch.Tensor], lr: float, batch_size: int) -> None:
+    """d2l.sgd: minibatch stochastic gradient descent on leaf tensors."""
+    with torch.no_grad():
+        for param in params:
+            param -= lr * param.grad / batch_size
+            param.grad.zero_()
+
+
+def grad_clipping(net, theta: float) -> None:
+    """d2l.grad_clipping: rescale all gradients together so their global norm is <= theta."""
+    if isinstance(net, nn.Module):
+        params = [p for p in net.parameters() if p.requires_grad]
+    else:
+        params = net.params
+    norm = torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
+    if norm > theta:
+        for param in params:
+            param.grad[:] *= theta / norm
+
+
+def predict(prefix: str, num_preds: int, net, vocab, device) -> str:
+    """d2l.predict_ch8: warm the state up on prefix, then append num_preds argmax tokens."""
+    with torch.no_grad():
+        state = net.begin_state(batch_size=1, device=device)
+        outputs = [vocab[prefix[0]]]
+
+        def get_input():
+            return torch.tensor([outputs[-1]], device=device).reshape((1, 1))
+
+        for y in prefix[1:]:
+            _, state = net(get_input(), state)
+            outputs.append(vocab[y])
+        for _ in range(num_preds):
+            y, state = net(get_input(), state)
+            outputs.append(int(y.argmax(dim=1).reshape(1)))
+    return "".join([vocab.idx_to_token[i] for i in outputs])
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
+                step_losses: Optional[List[float]] = None):
+    """d2l.train_epoch_ch8: one pass over train_iter.
+
+    Returns (perplexity, tokens/sec, tokens, seconds): the book's two numbers,
+    exp(total loss / total tokens) and the tokens processed over the wall time of the
+    whole epoch loop, then that count and time. The loss of every minibatch is appended
+    to step_losses when it is given.
+    """
+    state = None
+    total_loss, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    for X, Y in train_iter:
+        if state is None or use_random_iter:
+            # Random minibatches are not adjacent in the text: start from zeros.
+            state = net.begin_state(batch_size=X.shape[0], device=device)
+        else:
+            # Keep the state's value but cut the graph, so backward stops at this minibatch.
+            if isinstance(net, nn.Module) and not isinstance(state, tuple):
+                state.detach_()
+            else:
+                for s in state:
+                    s.detach_()
+        y = Y.T.reshape(-1)  # [T * B], time-major like the model's output rows
+        X, y = X.to(device), y.to(device)
+        y_hat, state = net(X, state)
+        l = loss(y_hat, y.long()).mean()
+        if isinstance(updater, torch.optim.Optimizer):
+            updater.zero_grad()
+            l.backward()
+            grad_clipping(net, 1)
+            updater.step()
+        else:
+            l.backward()
+            grad_clipping(net, 1)
+            # The loss is already a mean, hence batch_size=1.
+            updater(batch_size=1)
+        l_value = l.detach().item()  # synchronises, as the book's Accumulator does
+        if step_losses is not None:
+            step_losses.append(l_value)
+        total_loss += l_value * y.numel()
+        total_tokens += y.numel()
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    return math.exp(total_loss / total_tokens), total_tokens / elapsed, total_tokens, elapsed
+
+
+def train(net, train_iter, vocab, lr: float, num_epochs: int, device,
+          use_random_iter: bool = False, progress: bool = True, sample_every: int = 0,
+          desc: str = "train", step_losses: Optional[List[float]] = None) -> Dict:
+    """d2l.train_ch8 without the animator: returns the per-epoch history.
+
+    The returned dict has perplexity and tokens_per_sec per epoch, the total tokens and
+    seconds of the epoch loops, and the book's two generated strings.
+    """
+    from tqdm.auto import tqdm
+
+    loss = nn.CrossEntropyLoss()
+    if isinstance(net, nn.Module):
+        updater = torch.optim.SGD(net.parameters(), lr)
+    else:
+        def updater(batch_size):
+            sgd(net.params, lr, batch_size)
+
+    history = {"perplexity": [], "tokens_per_sec": [], "tokens": 0, "seconds": 0.0,
+               "samples": []}
+    bar = tqdm(range(num_epochs), desc=desc, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for epoch in bar:
+        ppl, speed, tokens, seconds = train_epoch(net, train_iter, loss, updater, device,
+                                                  use_random_iter, step_losses)
+        history["perplexity"].append(ppl)
+        history["tokens_per_sec"].append(speed)
+        history["tokens"] += tokens
+        history["seconds"] += seconds
+        bar.set_postfix(ppl=f"{ppl:.2f}", tok_s=f"{speed:,.0f}")
+        if sample_every and (epoch + 1) % sample_every == 0:
+            sample = predict(PREFIXES[0], NUM_PREDS, net, vocab, device)
+            history["samples"].append({"epoch": epoch + 1, "text": sample})
+            (bar.write if progress else print)(f"epoch {epoch + 1}: {sample}")
+    bar.close()
+    history["predictions"] = {p: predict(p, NUM_PREDS, net, vocab, device) for p in PREFIXES}
+    return history
+
+
+# --- Running it: the command line and what it records ---------------------------------
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def environment(device) -> Dict:
+    """What a speed number depends on: versions, device name, threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device),
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + f" ({os.cpu_count()} logical cores)"
+
+
+def format_environment(env: Dict) -> str:
+    return (f"torch {env['torch']}, CUDA {env['cuda'] or 'none'} "
+            f"(available: {env['cuda_available']}), device {env['device']} "
+            f"[{env['device_name']}], {env['threads']} threads")
+
+
+def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 32,
+        num_steps: int = 35, lr: float = 1.0, device="auto", seed: int = 0,
+        data_path=None, max_tokens: int = 10000, use_random_iter: bool = False,
+        progress: bool = True, sample_every: int = 0) -> Dict:
+    """Train one implementation with the book's recipe; returns the run's record."""
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    random.seed(seed)  # the iterators' offsets and shuffles
+    train_iter, vocab = tm_data.load_data_time_machine(batch_size, num_steps, use_random_iter,
+                                                       max_tokens, data_path)
+    net = make_net(impl, len(vocab), num_hiddens, device, seed)
+    history = train(net, train_iter, vocab, lr, epochs, device, use_random_iter,
+                    progress=progress, sample_every=sample_every, desc=impl)
+    return {
+        "impl": impl,
+        "config": {"epochs": epochs, "num_hiddens": num_hiddens, "batch_size": batch_size,
+                   "num_steps": num_steps, "lr": lr, "seed": seed, "max_tokens": max_tokens,
+                   "use_random_iter": use_random_iter, "vocab_size": len(vocab)},
+        "environment": environment(device),
+        "perplexity": history["perplexity"][-1] if epochs else float("nan"),
+        # The book prints the last epoch's speed; the mean over all epochs is steadier.
+        "tokens_per_sec": history["tokens_per_sec"][-1] if epochs else float("nan"),
+        "tokens_per_sec_mean": history["tokens"] / history["seconds"] if epochs else float("nan"),
+        "train_seconds": history["seconds"],
+        "history": {"perplexity": history["perplexity"],
+                    "tokens_per_sec": history["tokens_per_sec"]},
+        "samples": history["samples"],
+        "predictions": history["predictions"],
+    }
+
+
+def plot_perplexity(curves: Dict[str, Sequence[float]], path: Path, title: str) -> Path:
+    """Perplexity per epoch, one line per curve, like the book's figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    # Curves of the same formula from the same seed coincide: vary style and width so
+    # a later one drawn over an earlier one leaves it visible.
+    styles = ("-", "--", "-.", ":")
+    for i, (label, ppl) in enumerate(curves.items()):
+        ax.plot(range(1, len(ppl) + 1), ppl, label=label, linestyle=styles[i % len(styles)],
+                linewidth=max(3.0 - 0.6 * i, 1.0))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def unique_stem(out: Path, prefix: str) -> str:
+    """prefix-<date>-<time>, with a counter added if a file of that name exists in out."""
+    stem = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = stem, 1
+    while any(out.glob(candidate + ".*")):
+        candidate, n = f"{stem}-{n}", n + 1
+    return candidate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gru_fused.train",
+        description="Train the d2l GRU character model on The Time Machine.")
+    p.add_argument("--impl", choices=IMPLS, default="fused", help="GRU implementation")
+    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--hidden", type=int, default=256, help="number of hidden units")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-steps", type=int, default=35, help="time steps per minibatch")
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=10000,
+                   help="corpus length cut (the book's 10000; <= 0 for the whole text)")
+    p.add_argument("--random-iter", action="store_true",
+                   help="random instead of sequential minibatches")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None,
+                   help=f"path of timemachine.txt (else ${tm_data.ENV_VAR}, the cache, a download)")
+    p.add_argument("--out", default="runs", help="directory for the JSON record and the plot")
+    p.add_argument("--sample-every", type=int, default=50,
+                   help="print a generated line every N epochs (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        record = run(args.impl, args.epochs, args.hidden, args.batch_size, args.num_steps,
+                     args.lr, args.device, args.seed, args.data, args.max_tokens,
+                     args.random_iter, progress=not args.no_progress,
+                     sample_every=args.sample_every)
+    except tm_data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"perplexity {record['perplexity']:.1f}, {record['tokens_per_sec']:.1f} tokens/sec "
+          f"on {record['environment']['device']} (mean over epochs "
+          f"{record['tokens_per_sec_mean']:.1f})")
+    for prefix in PREFIXES:
+        print(record["predictions"][prefix])
+    print(format_environment(record["environment"]))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = unique_stem(out, f"train-{args.impl}")
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    png_path = plot_perplexity({args.impl: record["history"]["perplexity"]}, out / f"{stem}.png",
+                               f"{args.impl}: perplexity {record['perplexity']:.2f}")
+    print(f"wrote {json_path} and {png_path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
