@@ -79,7 +79,14 @@ def default_arch_list():
 def extensions():
     with_cuda, reason = build_plan()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # The CPU gate passes are vectorized by the compiler (csrc/gru_cpu.cpp):
+    # -ffp-contract=off: no fused multiply-adds behind the code's back, so the AVX-512,
+    #   AVX2 and baseline builds of a gate pass, and a loop's vector body and its scalar
+    #   remainder, compute the same bits (however a pass is split across threads).
+    # -fno-trapping-math: lets a select like `small ? a : b` compute both sides in
+    #   vector lanes; floating-point exceptions are never observed (torch builds so too).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-Wall", "-Wextra",
+           "-Wno-unused-parameter"]
     if not with_cuda:
         print(f"gru_fused: building CPU kernels only ({reason})", flush=True)
         return [CppExtension("gru_fused._C", sources, extra_compile_args={"cxx": cxx},

@@ -23,12 +23,17 @@ namespace gru_fused {
 // on one device with one dtype, except lengths (int64, on that device).
 struct ForwardLoopArgs {
   at::Tensor gi;         // [T, B, 3H] in:  x W_ih^T + b_ih (+ b_hr, b_hz; + b_hn if !reset_after)
+                         //   or, with gi_rows, the [I, 3H] table of those rows for one-hot x
+  at::Tensor gi_rows;    // [T, B] int64 in: step t's row b of gi is gi[gi_rows[t, b]]; else
+                         //   undefined (only backends offering OneHotOps are given one)
   at::Tensor hx;         // [B, H]     in:  initial state
   at::Tensor weight_hh;  // [3H, H]    in
   at::Tensor b_hn;       // [H]        in:  added inside r * (...) when reset_after; else undefined
   at::Tensor lengths;    // [B] int64  in:  undefined when every sequence has all T steps
   at::Tensor output;     // [T, B, H]  out: h_t for every step (the carried state when padded)
-  at::Tensor workspace;  // [4, T, B, H] out: r, z, n and kSlotHn (see gru_math.h)
+  at::Tensor workspace;  // [4, T, B, H] out: r, z, n and kSlotHn (see gru_math.h); or
+                         // [4, 1, B, H] for gru_inference, every step reusing the one slot
+                         // set (only the CPU loop is called so)
   bool reset_after;
   bool reverse;
 };
@@ -42,7 +47,11 @@ struct BackwardLoopArgs {
   at::Tensor output;       // [T, B, H]    in:  from the forward
   at::Tensor workspace;    // [4, T, B, H] in:  from the forward
   at::Tensor dG;           // [T, B, 3H]   out: dL/dgi, gates (r, z, n)
-  at::Tensor dGh;          // [T, B, 3H]   out: dL/dgh; the same tensor as dG when !reset_after
+  at::Tensor dGh;          // [T, B, 3H]   out: dL/dgh; the same tensor as dG when
+                           //                   !reset_after. Its r, z columns would repeat
+                           //                   dG's, so the driver reads only its n column;
+                           //                   [T, B, H], that column alone, for a backend
+                           //                   that asks (dgh_candidate_only: the CPU)
   at::Tensor grad_hx;      // [B, H]       out
   bool reset_after;
   bool reverse;
@@ -51,19 +60,35 @@ struct BackwardLoopArgs {
 using ForwardLoop = void (*)(const ForwardLoopArgs&);
 using BackwardLoop = void (*)(const BackwardLoopArgs&);
 
-// The op implementations, parametrised by the backend's step loops.
+// A backend's shortcuts for one-hot input, where every row of input [T, B, I] holds one
+// 1 and zeros elsewhere (a character or word model's input): then x W_ih^T is a lookup
+// in the table W_ih^T + biases (ForwardLoopArgs::gi_rows, which a backend offering these
+// must read) and dG^T x a scatter-add, instead of T*B*3H*I multiply-adds. Telling means
+// reading the input on the host, so only the CPU offers these.
+struct OneHotOps {
+  // The [T * B] int64 column of each row's 1; an undefined tensor if input is not one-hot.
+  at::Tensor (*columns)(const at::Tensor& input);
+  // dG^T x [3H, I] for one-hot x with those columns; dG2d [T * B, 3H].
+  at::Tensor (*grad_weight)(const at::Tensor& dG2d, const at::Tensor& columns, int64_t I);
+};
+
+// The op implementations, parametrised by the backend's step loops. keep_workspace =
+// false (gru_inference) saves nothing for a backward: the returned workspace is the
+// [4, 1, B, H] scratch of the last step.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reset_after, bool reverse, ForwardLoop loop);
+    bool reset_after, bool reverse, ForwardLoop loop, const OneHotOps* one_hot = nullptr,
+    bool keep_workspace = true);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                   const at::Tensor& weight_hh, const at::Tensor& output,
                   const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
-                  std::array<bool, 6> output_mask, BackwardLoop loop);
+                  std::array<bool, 6> output_mask, BackwardLoop loop,
+                  const OneHotOps* one_hot = nullptr, bool dgh_candidate_only = false);
 
 // Index of the step processed at loop iteration i.
 inline int64_t step_at(int64_t i, int64_t T, bool reverse) { return reverse ? T - 1 - i : i; }

@@ -20,6 +20,8 @@ inline void check_launchable(int64_t T, int64_t B, int64_t H) {
 }
 
 inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
+  // The kernels read gi [T, B, 3H] directly; the one-hot row gather is the CPU's alone.
+  TORCH_INTERNAL_ASSERT(!a.gi_rows.defined(), "gru_fused: no one-hot path on this backend");
   const int64_t T = a.gi.size(0), B = a.gi.size(1), H = a.hx.size(1);
   check_launchable(T, B, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.gi.scalar_type(),

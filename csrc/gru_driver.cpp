@@ -79,20 +79,62 @@ int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
   return H;
 }
 
-// dst [M, H] = sum_t src[t]^T h_prev(t), with src [T, B, M] (rows of a wider buffer)
-// and h_prev(t) = hx at the first step processed, else the output of the step before.
-// Two GEMMs instead of materialising h_prev [T, B, H].
-void grad_weight_from_hprev(at::Tensor dst, const at::Tensor& src, const at::Tensor& hx,
-                            const at::Tensor& output, bool reverse) {
-  const int64_t T = src.size(0), M = src.size(2), H = hx.size(1);
-  const int64_t first = reverse ? T - 1 : 0;
-  at::mm_out(dst, src[first].t(), hx);  // dst is a view: mm_out writes through it
-  if (T == 1) return;
-  // Steps after the first take h_prev = output of their predecessor.
-  auto later = reverse ? src.narrow(0, 0, T - 1) : src.narrow(0, 1, T - 1);
-  auto prev = reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
-  dst.addmm_(later.reshape({-1, M}).t(), prev.reshape({-1, H}));
+// Buffers that live only while one op runs: gi in the forward, dG, dGh and h_prev in
+// the backward. CUDA's caching allocator recycles them anyway. On the CPU, glibc hands a
+// freed multi-megabyte buffer back to the OS and the next call page-faults it in again,
+// 4 KB at a time: at the time machine shape that was a quarter of the forward's time.
+// So each CPU thread keeps its buffer per role for the next call, up to kMaxCached bytes.
+enum ScratchRole : int {
+  kScratchGi = 0, kScratchDG = 1, kScratchDGh = 2, kScratchHPrev = 3, kNumScratch = 4
+};
+
+constexpr int64_t kMaxCached = int64_t(32) << 20;
+
+at::Tensor scratch(ScratchRole role, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
+  if (!options.device().is_cpu() || bytes > kMaxCached) return at::empty(sizes, options);
+  thread_local std::array<at::Storage, kNumScratch> cache;
+  at::Storage& storage = cache[role];
+  if (!storage || static_cast<int64_t>(storage.nbytes()) < bytes) {
+    storage = at::empty({bytes}, at::TensorOptions(at::kByte)).storage();
+  }
+  return at::empty({0}, options).set_(storage, 0, sizes);
 }
+
+// dst [M, H] = src^T h_prev for each src [T * B, M] given to mm(), where h_prev [T * B, H]
+// is the state each step starts from: hx at the first step processed, the output of the
+// step before at the others. When it fits the scratch cache, h_prev is copied into one
+// buffer and each dst is one GEMM; else each dst is two, hx's rows and the output's.
+class HPrevProduct {
+ public:
+  HPrevProduct(const at::Tensor& hx, const at::Tensor& output, bool reverse)
+      : hx_(hx), output_(output), reverse_(reverse) {
+    const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
+    if (T * B * H * int64_t(output.element_size()) > kMaxCached) return;
+    at::Tensor h_prev = scratch(kScratchHPrev, {T, B, H}, output.options());
+    h_prev[reverse ? T - 1 : 0].copy_(hx);
+    if (T > 1) {
+      h_prev.narrow(0, reverse ? 0 : 1, T - 1).copy_(output.narrow(0, reverse ? 1 : 0, T - 1));
+    }
+    whole_ = h_prev.view({T * B, H});
+  }
+
+  void mm(at::Tensor dst, const at::Tensor& src) const {
+    if (whole_.defined()) {
+      at::mm_out(dst, src.t(), whole_);
+      return;
+    }
+    const int64_t T = output_.size(0), B = output_.size(1), H = output_.size(2);
+    at::mm_out(dst, src.narrow(0, reverse_ ? (T - 1) * B : 0, B).t(), hx_);
+    if (T == 1) return;
+    dst.addmm_(src.narrow(0, reverse_ ? 0 : B, (T - 1) * B).t(),
+               output_.view({T * B, H}).narrow(0, reverse_ ? B : 0, (T - 1) * B));
+  }
+
+ private:
+  at::Tensor hx_, output_, whole_;
+  bool reverse_;
+};
 
 }  // namespace
 
@@ -100,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reset_after, bool reverse, ForwardLoop loop) {
+    bool reset_after, bool reverse, ForwardLoop loop, const OneHotOps* one_hot,
+    bool keep_workspace) {
   // Kernels sit below autograd: the GEMMs here must not record a graph of their own.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -112,24 +155,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
   a.reverse = reverse;
   a.hx = hx.contiguous();
   a.weight_hh = weight_hh.contiguous();
-  a.gi = at::empty({T, B, 3 * H}, input.options());
-  auto gi2d = a.gi.view({T * B, 3 * H});
   auto x2d = input.reshape({T * B, I});
+  // Fold every bias that sits outside the reset gate into the input projection:
+  // b_hr, b_hz always; b_hn only when the reset is applied before the matmul.
+  at::Tensor folded;
   if (bias_ih.has_value()) {
-    // Fold every bias that sits outside the reset gate into the input projection:
-    // b_hr, b_hz always; b_hn only when the reset is applied before the matmul.
-    auto folded = *bias_ih + *bias_hh;
+    folded = *bias_ih + *bias_hh;
     if (reset_after) {
       folded.narrow(0, kGateN * H, H).copy_(bias_ih->narrow(0, kGateN * H, H));
       a.b_hn = bias_hh->narrow(0, kGateN * H, H).contiguous();
     }
-    at::addmm_out(gi2d, folded, x2d, weight_ih.t());
+  }
+  const at::Tensor cols = one_hot ? one_hot->columns(input) : at::Tensor();
+  // Row (t, b) of x W_ih^T + folded is row cols[t, b] of the table W_ih^T + folded: the
+  // GEMM's sum is that one product plus exact zeros, so the table gives the same bits,
+  // provided W_ih is finite (0 * inf = NaN). A finite sum proves that in one cheap
+  // reduction; one that overflows merely sends us to the GEMM.
+  if (cols.defined() && std::isfinite(weight_ih.sum().item<double>())) {
+    a.gi = weight_ih.t().contiguous();  // [I, 3H], read row by row through gi_rows
+    if (folded.defined()) a.gi.add_(folded);
+    a.gi_rows = cols.view({T, B});
   } else {
-    at::mm_out(gi2d, x2d, weight_ih.t());
+    a.gi = scratch(kScratchGi, {T, B, 3 * H}, input.options());
+    auto gi2d = a.gi.view({T * B, 3 * H});
+    if (folded.defined()) {
+      at::addmm_out(gi2d, folded, x2d, weight_ih.t());
+    } else {
+      at::mm_out(gi2d, x2d, weight_ih.t());
+    }
   }
   if (lengths.has_value()) a.lengths = lengths->to(input.device());
   a.output = at::empty({T, B, H}, input.options());
-  a.workspace = at::empty({kNumSlots, T, B, H}, input.options());
+  a.workspace = at::empty({kNumSlots, keep_workspace ? T : 1, B, H}, input.options());
   if (B > 0) loop(a);  // an empty batch has nothing to step (as nn.GRU allows)
   // The state after the last step processed; with lengths, the carried state is each
   // sequence's state after its own last step. A copy, so h_n is never a view of output.
@@ -142,7 +199,8 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                   const at::Tensor& weight_hh, const at::Tensor& output,
                   const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
-                  std::array<bool, 6> output_mask, BackwardLoop loop) {
+                  std::array<bool, 6> output_mask, BackwardLoop loop,
+                  const OneHotOps* one_hot, bool dgh_candidate_only) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, std::nullopt,
                                        std::nullopt, std::nullopt);
@@ -173,8 +231,10 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   a.weight_hh = weight_hh.contiguous();
   a.output = output.contiguous();
   a.workspace = workspace.contiguous();
-  a.dG = at::empty({T, B, 3 * H}, input.options());
-  a.dGh = reset_after ? at::empty({T, B, 3 * H}, input.options()) : a.dG;
+  a.dG = scratch(kScratchDG, {T, B, 3 * H}, input.options());
+  a.dGh = reset_after ? scratch(kScratchDGh, {T, B, dgh_candidate_only ? H : 3 * H},
+                                input.options())
+                      : a.dG;
   a.grad_hx = at::empty({B, H}, hx.options());
   if (B > 0) {
     loop(a);
@@ -184,31 +244,57 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   }
 
   auto dG2d = a.dG.view({T * B, 3 * H});
+  // dGh's candidate column [T * B, H], the only one read below: r, z would repeat dG's.
+  auto dGh_n = a.dGh.view({T * B, a.dGh.size(2)})
+                   .narrow(1, a.dGh.size(2) == H ? 0 : kGateN * H, H);
   at::Tensor grad_input = output_mask[0]
       ? at::mm(dG2d, weight_ih).view({T, B, I})
       : empty(input);
   at::Tensor grad_hx = output_mask[1] ? a.grad_hx : empty(hx);
-  at::Tensor grad_weight_ih = output_mask[2]
-      ? at::mm(dG2d.t(), input.reshape({T * B, I}))
-      : empty(weight_ih);
+  at::Tensor grad_weight_ih = empty(weight_ih);
+  bool one_hot_grad = false;  // grad_weight_ih holds dG's rows summed by input column
+  if (output_mask[2]) {
+    const at::Tensor cols = one_hot ? one_hot->columns(input) : at::Tensor();
+    if (cols.defined()) {
+      // Column c of dG^T x sums the rows of dG whose input is e_c. Unlike the GEMM's
+      // 0 * inf, a non-finite dG entry reaches only its own column.
+      grad_weight_ih = one_hot->grad_weight(dG2d, cols, I);
+      one_hot_grad = true;
+    } else {
+      grad_weight_ih = at::mm(dG2d.t(), input.reshape({T * B, I}));
+    }
+  }
   at::Tensor grad_weight_hh = empty(weight_hh);
   if (output_mask[3]) {
     grad_weight_hh = at::empty({3 * H, H}, weight_hh.options());
+    const HPrevProduct h_prev(a.hx, a.output, reverse);
+    // Gates r, z see h_prev, with dGh = dG there. The candidate sees h_prev through
+    // dGh's own column when reset_after, else r * h (saved in kSlotHn) through dG's.
+    auto dW_rz = grad_weight_hh.narrow(0, 0, 2 * H);
+    h_prev.mm(dW_rz, dG2d.narrow(1, 0, 2 * H));
+    auto dW_hn = grad_weight_hh.narrow(0, kGateN * H, H);
     if (reset_after) {
-      grad_weight_from_hprev(grad_weight_hh, a.dGh, a.hx, a.output, reverse);
+      h_prev.mm(dW_hn, dGh_n);
     } else {
-      // Gates r, z see h_prev; the candidate sees r * h (saved in kSlotHn).
-      grad_weight_from_hprev(grad_weight_hh.narrow(0, 0, 2 * H), a.dG.narrow(2, 0, 2 * H),
-                             a.hx, a.output, reverse);
-      auto dW_hn = grad_weight_hh.narrow(0, kGateN * H, H);
-      at::mm_out(dW_hn,
-                 a.dG.narrow(2, kGateN * H, H).reshape({T * B, H}).t(),
+      at::mm_out(dW_hn, dG2d.narrow(1, kGateN * H, H).t(),
                  a.workspace[kSlotHn].view({T * B, H}));
     }
   }
   at::Tensor grad_bias_ih = empty(weight_ih), grad_bias_hh = empty(weight_ih);
-  if (has_bias && output_mask[4]) grad_bias_ih = dG2d.sum(0);
-  if (has_bias && output_mask[5]) grad_bias_hh = a.dGh.view({T * B, 3 * H}).sum(0);
+  if (has_bias && (output_mask[4] || output_mask[5])) {
+    // The column sums of dG. After the one-hot scatter-add they are the row sums of
+    // grad_weight_ih [3H, I], I values per gate unit instead of T * B.
+    grad_bias_ih = one_hot_grad ? grad_weight_ih.sum(1) : dG2d.sum(0);
+    if (output_mask[5]) {
+      // dGh equals dG but in the candidate's column when reset_after (and is dG when
+      // not): sum only that.
+      grad_bias_hh = grad_bias_ih.clone();
+      if (reset_after) {
+        grad_bias_hh.narrow(0, kGateN * H, H).copy_(dGh_n.sum(0));
+      }
+    }
+    if (!output_mask[4]) grad_bias_ih = empty(weight_ih);
+  }
   return {grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh};
 }
 

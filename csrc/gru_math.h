@@ -2,8 +2,9 @@
 //
 // Every backend (the CPU step loop, the CUDA kernels, the emulated CUDA kernels in the
 // tests) calls these functions per element, so the two formulas and their derivatives
-// are written exactly once. The value type V is a scalar (float, double) or a SIMD
-// vector (at::vec::Vectorized<float> on the CPU); Math<V> supplies sigmoid and tanh.
+// are written exactly once. The value type V is float or double; a policy M supplies
+// sigmoid and tanh: Math<V> (libm, CUDA's intrinsics) everywhere but the CPU's float
+// loops, which use FastMathF so that the compiler can vectorize them.
 //
 // Formulas (per batch row b and hidden unit j; gi = W_i* x + b_i*, gh = W_h* h + b_h*):
 //   r  = sigmoid(gi_r + gh_r)
@@ -14,6 +15,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define GRU_HD __host__ __device__ __forceinline__
@@ -50,12 +52,64 @@ struct Math<double> {
   GRU_HD static double tanh(double x) { return ::tanh(x); }
 };
 
-// Forward and backward of one GRU cell element. kResetAfter selects the formula; the
-// two differ only in candidate() and in where dr comes from in the backward.
-template <typename V, bool kResetAfter>
-struct GruCell {
-  using M = Math<V>;
+#if !defined(__CUDACC__)
+// float sigmoid / tanh for the CPU step loops, written branch-free (selects, no calls)
+// so that the compiler vectorizes a loop over them: libm's expf and tanhf are opaque
+// calls that keep a loop scalar. Accuracy, measured against double on [-100, 100]: exp
+// (Cephes expf's polynomial) and tanh within 1 ulp, sigmoid within 2 ulp (libm's tanhf:
+// 2). NaN in gives NaN out: every clamp is a comparison, false for NaN. Plain adds,
+// multiplies and divides only, so vector lanes and scalar remainders compute the same
+// bits (setup.py builds with -ffp-contract=off: no fused multiply-adds).
+struct FastMathF {
+  static inline float exp(float x) {
+    constexpr float kLog2e = 1.44269504088896341f;
+    constexpr float kLn2Hi = 0.693359375f;  // few mantissa bits: k * kLn2Hi is exact
+    constexpr float kLn2Lo = -2.12194440e-4f;
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    // e^x over/underflows outside about [-87.3, 88.7]; clamp so 2^k stays a normal float.
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    // x = k ln2 + f, |f| <= ln2 / 2; k comes out of the rounded float's mantissa bits
+    // (no float-to-int conversion, which is undefined for NaN).
+    const float shifted = x * kLog2e + kRound;
+    const float kf = shifted - kRound;
+    const int32_t k = __builtin_bit_cast(int32_t, shifted) - __builtin_bit_cast(int32_t, kRound);
+    const float f = (x - kf * kLn2Hi) - kf * kLn2Lo;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * (f * f) + f + 1.0f;
+    const float two_k = __builtin_bit_cast(float, (static_cast<uint32_t>(k) + 127u) << 23);
+    return p * two_k;
+  }
+  static inline float sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }
+  static inline float tanh(float x) {
+    const float ax = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, x) & 0x7fffffffu);
+    // |x| < 0.625: Cephes tanhf's odd polynomial; 1 - 2 / (e^2|x| + 1) would cancel.
+    const float z = ax * ax;
+    float p = -5.70498872745e-3f;
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    const float small = p * z * ax + ax;
+    const float large = 1.0f - 2.0f / (exp(2.0f * ax) + 1.0f);
+    const float t = ax < 0.625f ? small : large;  // NaN takes `large`, which is NaN
+    // tanh is odd: give t the sign bit of x (so tanh(-0) = -0).
+    const uint32_t sign = __builtin_bit_cast(uint32_t, x) & 0x80000000u;
+    return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) | sign);
+  }
+};
+#endif
 
+// Forward and backward of one GRU cell element. kResetAfter selects the formula; the
+// two differ only in candidate() and in where dr comes from in the backward. M supplies
+// sigmoid and tanh: Math<V> everywhere, FastMathF in the CPU's float loops.
+template <typename V, bool kResetAfter, typename M = Math<V>>
+struct GruCell {
   // r and z from their pre-activations (the biases are already in gi or gh).
   GRU_HD static void gates_rz(V gi_r, V gi_z, V gh_r, V gh_z, V& r, V& z) {
     r = M::sigmoid(gi_r + gh_r);

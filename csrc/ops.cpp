@@ -1,13 +1,42 @@
 // The op schemas, declared once. Each backend only registers kernels for them
 // (gru_cpu.cpp for CPU, gru_cuda.cu for CUDA), so a CPU-only build still has every op.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "schemas.h"
 
 TORCH_LIBRARY(gru_fused, m) {
   m.def(gru_fused::kForwardSchema);
+  m.def(gru_fused::kInferenceSchema);
   m.def(gru_fused::kBackwardSchema);
+}
+
+namespace {
+
+// gru_inference where a backend has no kernel of its own for it (CUDA): gru_forward,
+// workspace dropped. The CPU registers a kernel that never writes the workspace.
+std::tuple<at::Tensor, at::Tensor> gru_inference_any_device(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gru_fused::gru_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool, bool)>();
+  auto [output, h_n, workspace] = forward.call(input, hx, weight_ih, weight_hh, bias_ih,
+                                               bias_hh, lengths, reset_after, reverse);
+  return {output, h_n};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gru_fused, CompositeExplicitAutograd, m) {
+  m.impl("gru_inference", &gru_inference_any_device);
 }
 
 // `import gru_fused._C` loads the library above; the module itself only reports how it

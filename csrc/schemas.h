@@ -11,6 +11,14 @@ constexpr const char* kForwardSchema =
     "Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reset_after, bool reverse) "
     "-> (Tensor, Tensor, Tensor)";
 
+// gru_forward without the workspace, for when no gradient will be taken (inference):
+// returns (output [T, B, H], h_n [B, H]). The CPU kernel never writes the [4, T, B, H]
+// workspace; elsewhere it is gru_forward with the workspace dropped.
+constexpr const char* kInferenceSchema =
+    "gru_inference(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
+    "Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reset_after, bool reverse) "
+    "-> (Tensor, Tensor)";
+
 // Returns (grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias_ih,
 // grad_bias_hh); an entry whose output_mask is false (or a bias grad when has_bias is
 // false) is an empty tensor of shape [0] and costs nothing.

@@ -5,7 +5,8 @@ CPU and CUDA kernels are registrations of those schemas. Here they get
 
 - fake kernels, so torch.compile / opcheck can trace them without running them;
 - autograd: the backward of ``gru_forward`` calls the ``gru_backward`` op;
-- ``gru()``: the documented, differentiable entry point used by FusedGRU and scratch.
+- ``gru()``: the documented, differentiable entry point used by FusedGRU and scratch; when
+  no gradient can be taken it calls ``gru_inference``, which skips the saved workspace.
 """
 from __future__ import annotations
 
@@ -37,6 +38,14 @@ def _gru_forward_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths
     return output, h_n, workspace
 
 
+@torch.library.register_fake("gru_fused::gru_inference")
+def _gru_inference_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                        reset_after, reverse):
+    T, B, _ = input.shape
+    H = weight_hh.shape[1]
+    return input.new_empty((T, B, H)), input.new_empty((B, H))
+
+
 @torch.library.register_fake("gru_fused::gru_backward")
 def _gru_backward_fake(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
                        workspace, has_bias, reset_after, reverse, output_mask):
@@ -59,6 +68,9 @@ def _setup_context(ctx, inputs, output):
     ctx.reset_after = reset_after
     ctx.reverse = reverse
     ctx.mark_non_differentiable(workspace)
+    # Unused outputs get None, not zeros: materialising them would fill a workspace-sized
+    # tensor every backward. _backward substitutes zeros only where the op needs them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
@@ -114,6 +126,11 @@ def gru(
     """
     if hx is None:
         hx = input.new_zeros((input.shape[1] if input.dim() == 3 else 0, weight_hh.shape[-1]))
+    tensors = (input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # No gradient will be taken: skip the workspace the backward would need.
+        return torch.ops.gru_fused.gru_inference(
+            input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reset_after, reverse)
     output, h_n, _ = torch.ops.gru_fused.gru_forward(
         input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reset_after, reverse)
     return output, h_n

@@ -130,10 +130,12 @@ def test_matches_nn_gru_cuda(cuda_device, bias, reverse):
 
 # --- reduced precision -----------------------------------------------------------------
 
-def _low_precision_error(device, dtype):
+def _low_precision_error(device, dtype, one_hot=False):
     """The fused result's error against float64 is at most twice nn.GRU's own error in
     the same dtype (flash-attention's rule), both for outputs and gradients."""
     args64 = make_args(8, 4, 16, 32, dtype=torch.float64, device=device)
+    if one_hot:
+        args64 = (one_hot_like(args64[0]), *args64[1:])
     with torch.no_grad():  # nn.GRU's init scale, so the recurrence is not chaotic
         for w in args64[2:]:
             w.mul_(32 ** -0.5)
@@ -162,6 +164,10 @@ def _low_precision_error(device, dtype):
 
 def test_bfloat16_error_cpu():
     _low_precision_error("cpu", torch.bfloat16)
+
+
+def test_bfloat16_one_hot_error_cpu():
+    _low_precision_error("cpu", torch.bfloat16, one_hot=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -217,6 +223,10 @@ def _opcheck(device, requires_grad, reset_after):
         bw_args = (torch.randn_like(out), torch.randn_like(h_n), *args[:4], out, ws, True,
                    reset_after, False, mask)
         torch.library.opcheck(torch.ops.gru_fused.gru_backward.default, bw_args)
+    # gru_inference has no autograd: it is only called when no gradient can be taken.
+    constant = tuple(a.detach() for a in args)
+    torch.library.opcheck(torch.ops.gru_fused.gru_inference.default,
+                          (*constant, lengths, reset_after, True))
 
 
 @pytest.mark.parametrize("requires_grad", [True, False])
@@ -277,6 +287,91 @@ def test_deterministic_cpu(reset_after):
 @pytest.mark.parametrize("reset_after", [True, False])
 def test_deterministic_cuda(cuda_device, reset_after):
     _deterministic(cuda_device, reset_after)
+
+
+# --- CPU fast paths: one-hot input, vectorized gate math, batch split across threads ----
+
+def one_hot_like(x, seed=0):
+    """A one-hot tensor shaped like x [T, B, I] (its dtype, device and requires_grad)."""
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.randint(0, x.shape[-1], x.shape[:-1], generator=g)
+    one_hot = torch.nn.functional.one_hot(cols, x.shape[-1]).to(x.dtype).to(x.device)
+    return one_hot.requires_grad_(x.requires_grad)
+
+
+@pytest.mark.parametrize("reset_after,reverse,bias", VARIANTS, ids=VARIANT_IDS)
+def test_one_hot_input_cpu(reset_after, reverse, bias):
+    """A one-hot x takes the CPU's gather (forward) and scatter-add (dW_ih) path: float64
+    gradcheck with x constant, and the reference's values and gradients, x's included."""
+    x, *rest = make_args(5, 4, 6, 7, bias=bias)
+    constant_x = (one_hot_like(x).detach(), *rest)
+    assert torch.autograd.gradcheck(fused(reset_after, reverse), constant_x)
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+        args = [a if a is None else a.detach().to(dtype).requires_grad_() for a in
+                (one_hot_like(x), *rest)]
+        got = grads_of(fused(reset_after, reverse), args)
+        want = grads_of(lambda *a: reference.gru_layer(*a, reset_after, reverse), args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_gate_math_saturates_and_propagates_nan_cpu():
+    """The CPU's vectorized sigmoid/tanh: huge pre-activations saturate to finite values
+    (no inf - inf), and a NaN in the input reaches exactly the rows it should."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = make_args(4, 3, 5, 19, dtype=torch.float32,
+                                              requires_grad=False)
+    out, h_n = gru_fused.gru(x * 1e30, hx, w_ih, w_hh, b_ih, b_hh)
+    # h' = (1 - z) n + z h_prev: between tanh's [-1, 1] and the states before it.
+    assert torch.isfinite(out).all() and out.abs().max() <= max(1.0, hx.abs().max().item())
+    x[2, 1, 0] = float("nan")
+    out, h_n = gru_fused.gru(x, hx, w_ih, w_hh, b_ih, b_hh)
+    assert torch.isnan(out[2:, 1]).all() and torch.isnan(h_n[1]).all()
+    assert not torch.isnan(out[:2]).any() and not torch.isnan(out[:, [0, 2]]).any()
+
+
+def _inference_matches_forward(device, reset_after, reverse):
+    """gru_inference (the CPU kernel skips the workspace) gives gru_forward's outputs, and
+    gru() takes it exactly when no gradient can be taken."""
+    args = make_args(5, 4, 6, 7, dtype=torch.float32, device=device, requires_grad=False)
+    lengths = torch.tensor([5, 2, 0, 4])
+    for lens in (None, lengths):
+        out, h_n, _ = torch.ops.gru_fused.gru_forward(*args, lens, reset_after, reverse)
+        got = torch.ops.gru_fused.gru_inference(*args, lens, reset_after, reverse)
+        assert torch.equal(got[0], out) and torch.equal(got[1], h_n)
+        with torch.no_grad():
+            assert torch.equal(gru_fused.gru(*args, reset_after=reset_after, reverse=reverse,
+                                             lengths=lens)[0], out)
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_matches_forward_cpu(reset_after, reverse):
+    _inference_matches_forward("cpu", reset_after, reverse)
+
+
+def test_inference_matches_forward_cuda(cuda_device):
+    _inference_matches_forward(cuda_device, True, False)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(),
+                    reason="the claim rests on MKL giving a row the same bits in any "
+                           "GEMM of 4 or more rows")
+@pytest.mark.parametrize("B", [8, 13, 32])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_batch_split_is_bitwise_cpu(B, reset_after):
+    """With two threads the CPU step loops give each thread a block of the batch; the
+    results are bitwise those of one thread."""
+    args = make_args(6, B, 5, 33, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads_of(fused(reset_after, False), args)
+        torch.set_num_threads(2)
+        two = grads_of(fused(reset_after, False), args)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
 
 
 # --- bad input --------------------------------------------------------------------------
