@@ -10,6 +10,8 @@
 //   for each step in reverse (backend): gate gradients, dh_{t-1} = dh z + dgh W_hh
 //   dx = dG W_ih, dW_ih = dG^T x, dW_hh = dGh^T [h_prev or r h], biases = sums
 //                                                         big GEMMs after the loop
+// A backend may take the steps in chunks (BackendExtras): then each chunk of steps has
+// its GEMMs before (forward) or after (backward) its part of the loop.
 #pragma once
 
 #include <array>
@@ -36,6 +38,10 @@ struct ForwardLoopArgs {
                          // set (only the CPU loop is called so)
   bool reset_after;
   bool reverse;
+  // Chunks (BackendExtras::step_chunks): this call runs loop iterations [iter_begin,
+  // iter_end), and gi holds only the steps they process, the first being step0. Other
+  // backends are called once with all T steps.
+  int64_t iter_begin = 0, iter_end = 0, step0 = 0;
 };
 
 // What a backend's backward step loop reads and writes.
@@ -51,10 +57,17 @@ struct BackwardLoopArgs {
                            //                   !reset_after. Its r, z columns would repeat
                            //                   dG's, so the driver reads only its n column;
                            //                   [T, B, H], that column alone, for a backend
-                           //                   that asks (dgh_candidate_only: the CPU)
+                           //                   that asks (BackendExtras::dgh_candidate_only)
   at::Tensor grad_hx;      // [B, H]       out
   bool reset_after;
   bool reverse;
+  // Chunks (BackendExtras::step_chunks): this call runs iterations [iter_begin, iter_end),
+  // from the last down; dG and dGh hold only the steps they process, the first being
+  // step0; dh [B, H] (the accumulate type: float for half and bfloat16) carries dL/dh
+  // from call to call: the first call (iter_end = T) starts it from grad_h_n, the last
+  // (iter_begin = 0) writes grad_hx from it. Other backends are called once.
+  int64_t iter_begin = 0, iter_end = 0, step0 = 0;
+  at::Tensor dh;
 };
 
 using ForwardLoop = void (*)(const ForwardLoopArgs&);
@@ -68,8 +81,19 @@ using BackwardLoop = void (*)(const BackwardLoopArgs&);
 struct OneHotOps {
   // The [T * B] int64 column of each row's 1; an undefined tensor if input is not one-hot.
   at::Tensor (*columns)(const at::Tensor& input);
-  // dG^T x [3H, I] for one-hot x with those columns; dG2d [T * B, 3H].
+  // dG^T x [3H, I] for one-hot x with those columns; dG2d [rows, 3H], columns [rows].
   at::Tensor (*grad_weight)(const at::Tensor& dG2d, const at::Tensor& columns, int64_t I);
+};
+
+// What a backend's loops can do beyond running all steps on full-size buffers (the
+// CPU's; CUDA's take none of it).
+struct BackendExtras {
+  const OneHotOps* one_hot = nullptr;
+  // Loops take steps in chunks (the *LoopArgs' iter_begin...): gi, dG and dGh then stay
+  // within the scratch cache (gru_driver.cpp) however long the sequence.
+  bool step_chunks = false;
+  // The backward loop writes only dGh's n column, into a [T, B, H] dGh.
+  bool dgh_candidate_only = false;
 };
 
 // The op implementations, parametrised by the backend's step loops. keep_workspace =
@@ -79,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reset_after, bool reverse, ForwardLoop loop, const OneHotOps* one_hot = nullptr,
+    bool reset_after, bool reverse, ForwardLoop loop, const BackendExtras& extras = {},
     bool keep_workspace = true);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -88,7 +112,7 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& weight_hh, const at::Tensor& output,
                   const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
                   std::array<bool, 6> output_mask, BackwardLoop loop,
-                  const OneHotOps* one_hot = nullptr, bool dgh_candidate_only = false);
+                  const BackendExtras& extras = {});
 
 // Index of the step processed at loop iteration i.
 inline int64_t step_at(int64_t i, int64_t T, bool reverse) { return reverse ? T - 1 - i : i; }

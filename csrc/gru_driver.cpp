@@ -1,7 +1,15 @@
 // Argument checks and the GEMMs around the step loop, shared by every backend.
 #include "gru.h"
 
+#include <mutex>
+#include <vector>
+
+#include <ATen/OpMathType.h>
 #include <c10/util/irange.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "gru_math.h"
 
@@ -90,9 +98,89 @@ enum ScratchRole : int {
 
 constexpr int64_t kMaxCached = int64_t(32) << 20;
 
+// at::empty for a buffer the op fills. From 32 MB up, glibc maps a fresh CPU buffer from
+// the OS every time, and filling it takes a page fault per 4 KB: 0.2 s for 400 MB on a
+// VM, more than many a GEMM. On Linux, ask for transparent huge pages before the first
+// touch (the kernel may decline): 512 times fewer faults.
+at::Tensor empty_to_fill(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * int64_t(t.element_size());
+  if (t.is_cpu() && bytes >= kMaxCached) {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + uintptr_t(bytes)) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+// The saved workspace (4 T B H values), the op's biggest buffer, comes from a small pool
+// on the CPU. In a training loop one workspace is freed (its backward done) just before
+// the next forward asks for one; from 32 MB up glibc would unmap it, and the next
+// forward would page-fault it back in, zeroed by the kernel: a few percent of a big
+// layer's time. The pool keeps the last kMaxFree freed blocks of 32 MB or more and
+// serves a request from one at most twice its size; a newly freed block pushes out the
+// oldest, so what the pool holds follows the shapes in use.
+class WorkspacePool {
+ public:
+  static WorkspacePool& instance() {
+    static auto* pool = new WorkspacePool();  // never destroyed: tensors may outlive statics
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
+    if (!options.device().is_cpu() || bytes < kMaxCached) return empty_to_fill(sizes, options);
+    Block block = take(bytes);
+    if (block.owner == nullptr) {
+      at::Tensor fresh = empty_to_fill({bytes}, at::TensorOptions(at::kByte));
+      block = {new at::Storage(fresh.storage()), bytes};
+    }
+    return at::from_blob(block.owner->mutable_data(), sizes,
+                         [this, block](void*) { release(block); }, options);
+  }
+
+ private:
+  struct Block {
+    at::Storage* owner = nullptr;  // holds the memory while the block is in use or free
+    int64_t bytes = 0;
+  };
+  static constexpr size_t kMaxFree = 2;
+
+  Block take(int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->bytes >= bytes && it->bytes <= 2 * bytes) {
+        const Block block = *it;
+        free_.erase(it);
+        return block;
+      }
+    }
+    return {};
+  }
+
+  void release(const Block& block) {
+    Block evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.push_back(block);
+      if (free_.size() <= kMaxFree) return;
+      evicted = free_.front();
+      free_.erase(free_.begin());
+    }
+    delete evicted.owner;
+  }
+
+  std::mutex mu_;
+  std::vector<Block> free_;  // oldest first
+};
+
 at::Tensor scratch(ScratchRole role, at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
-  if (!options.device().is_cpu() || bytes > kMaxCached) return at::empty(sizes, options);
+  if (!options.device().is_cpu() || bytes > kMaxCached) return empty_to_fill(sizes, options);
   thread_local std::array<at::Storage, kNumScratch> cache;
   at::Storage& storage = cache[role];
   if (!storage || static_cast<int64_t>(storage.nbytes()) < bytes) {
@@ -101,16 +189,25 @@ at::Tensor scratch(ScratchRole role, at::IntArrayRef sizes, const at::TensorOpti
   return at::empty({0}, options).set_(storage, 0, sizes);
 }
 
-// dst [M, H] = src^T h_prev for each src [T * B, M] given to mm(), where h_prev [T * B, H]
-// is the state each step starts from: hx at the first step processed, the output of the
-// step before at the others. When it fits the scratch cache, h_prev is copied into one
-// buffer and each dst is one GEMM; else each dst is two, hx's rows and the output's.
-class HPrevProduct {
+// Steps per call of a loop whose per-step buffer takes step_bytes: all T, unless the
+// backend takes chunks and the buffer would outgrow the scratch cache; then as many as
+// fit (at least one).
+int64_t steps_per_chunk(const BackendExtras& extras, int64_t T, int64_t step_bytes) {
+  if (!extras.step_chunks || step_bytes == 0 || T * step_bytes <= kMaxCached) return T;
+  return std::max<int64_t>(1, kMaxCached / step_bytes);
+}
+
+// Products with h_prev, the state each step starts from: hx at the first step processed,
+// the output of the step before at the others. mm() gives dst (+)= src^T h_prev over the
+// steps [t0, t0 + n), src [n * B, M]. Over one chunk of all steps that fits the scratch
+// cache, h_prev is copied into one buffer for single GEMMs; otherwise hx's rows and the
+// output's are two GEMMs (the output's rows are a contiguous range of it).
+class HPrev {
  public:
-  HPrevProduct(const at::Tensor& hx, const at::Tensor& output, bool reverse)
+  HPrev(const at::Tensor& hx, const at::Tensor& output, bool reverse, bool one_chunk)
       : hx_(hx), output_(output), reverse_(reverse) {
     const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
-    if (T * B * H * int64_t(output.element_size()) > kMaxCached) return;
+    if (!one_chunk || T * B * H * int64_t(output.element_size()) > kMaxCached) return;
     at::Tensor h_prev = scratch(kScratchHPrev, {T, B, H}, output.options());
     h_prev[reverse ? T - 1 : 0].copy_(hx);
     if (T > 1) {
@@ -119,16 +216,36 @@ class HPrevProduct {
     whole_ = h_prev.view({T * B, H});
   }
 
-  void mm(at::Tensor dst, const at::Tensor& src) const {
+  void mm(at::Tensor dst, const at::Tensor& src, int64_t t0, int64_t n, bool accumulate) const {
+    const int64_t T = output_.size(0), B = output_.size(1), H = output_.size(2);
+    const auto product = [&](const at::Tensor& a, const at::Tensor& b) {
+      if (accumulate) {
+        dst.addmm_(a.t(), b);
+      } else {
+        at::mm_out(dst, a.t(), b);
+      }
+    };
     if (whole_.defined()) {
-      at::mm_out(dst, src.t(), whole_);
+      product(src, whole_);
       return;
     }
-    const int64_t T = output_.size(0), B = output_.size(1), H = output_.size(2);
-    at::mm_out(dst, src.narrow(0, reverse_ ? (T - 1) * B : 0, B).t(), hx_);
-    if (T == 1) return;
-    dst.addmm_(src.narrow(0, reverse_ ? 0 : B, (T - 1) * B).t(),
-               output_.view({T * B, H}).narrow(0, reverse_ ? B : 0, (T - 1) * B));
+    const int64_t first = reverse_ ? T - 1 : 0;  // the step that starts from hx
+    const bool has_first = t0 <= first && first < t0 + n;
+    // The output rows: step t starts from output[t - 1] (output[t + 1] when reverse).
+    const int64_t rows_t0 = has_first && !reverse_ ? t0 + 1 : t0;
+    const int64_t rows_n = has_first ? n - 1 : n;
+    if (rows_n > 0) {
+      product(src.narrow(0, (rows_t0 - t0) * B, rows_n * B),
+              output_.view({T * B, H}).narrow(0, (rows_t0 + (reverse_ ? 1 : -1)) * B, rows_n * B));
+    }
+    if (has_first) {
+      const at::Tensor src_first = src.narrow(0, (first - t0) * B, B);
+      if (rows_n > 0 || accumulate) {
+        dst.addmm_(src_first.t(), hx_);
+      } else {
+        at::mm_out(dst, src_first.t(), hx_);
+      }
+    }
   }
 
  private:
@@ -142,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reset_after, bool reverse, ForwardLoop loop, const OneHotOps* one_hot,
+    bool reset_after, bool reverse, ForwardLoop loop, const BackendExtras& extras,
     bool keep_workspace) {
   // Kernels sit below autograd: the GEMMs here must not record a graph of their own.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -166,28 +283,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
       a.b_hn = bias_hh->narrow(0, kGateN * H, H).contiguous();
     }
   }
-  const at::Tensor cols = one_hot ? one_hot->columns(input) : at::Tensor();
+  const at::Tensor cols = extras.one_hot ? extras.one_hot->columns(input) : at::Tensor();
   // Row (t, b) of x W_ih^T + folded is row cols[t, b] of the table W_ih^T + folded: the
   // GEMM's sum is that one product plus exact zeros, so the table gives the same bits,
   // provided W_ih is finite (0 * inf = NaN). A finite sum proves that in one cheap
   // reduction; one that overflows merely sends us to the GEMM.
-  if (cols.defined() && std::isfinite(weight_ih.sum().item<double>())) {
+  const bool table = cols.defined() && std::isfinite(weight_ih.sum().item<double>());
+  if (table) {
     a.gi = weight_ih.t().contiguous();  // [I, 3H], read row by row through gi_rows
     if (folded.defined()) a.gi.add_(folded);
     a.gi_rows = cols.view({T, B});
-  } else {
-    a.gi = scratch(kScratchGi, {T, B, 3 * H}, input.options());
-    auto gi2d = a.gi.view({T * B, 3 * H});
-    if (folded.defined()) {
-      at::addmm_out(gi2d, folded, x2d, weight_ih.t());
-    } else {
-      at::mm_out(gi2d, x2d, weight_ih.t());
-    }
   }
   if (lengths.has_value()) a.lengths = lengths->to(input.device());
-  a.output = at::empty({T, B, H}, input.options());
-  a.workspace = at::empty({kNumSlots, keep_workspace ? T : 1, B, H}, input.options());
-  if (B > 0) loop(a);  // an empty batch has nothing to step (as nn.GRU allows)
+  a.output = empty_to_fill({T, B, H}, input.options());
+  a.workspace = WorkspacePool::instance().empty({kNumSlots, keep_workspace ? T : 1, B, H},
+                                                input.options());
+
+  const int64_t chunk =
+      table ? T : steps_per_chunk(extras, T, B * 3 * H * int64_t(input.element_size()));
+  for (int64_t i0 = 0; i0 < T; i0 += chunk) {
+    const int64_t i1 = std::min(T, i0 + chunk), n = i1 - i0;
+    const int64_t t0 = reverse ? T - i1 : i0;  // the chunk's steps are [t0, t0 + n)
+    if (!table) {
+      a.gi = scratch(kScratchGi, {n, B, 3 * H}, input.options());
+      auto gi2d = a.gi.view({n * B, 3 * H});
+      auto x_rows = x2d.narrow(0, t0 * B, n * B);
+      if (folded.defined()) {
+        at::addmm_out(gi2d, folded, x_rows, weight_ih.t());
+      } else {
+        at::mm_out(gi2d, x_rows, weight_ih.t());
+      }
+    }
+    a.iter_begin = i0;
+    a.iter_end = i1;
+    a.step0 = t0;
+    if (B > 0) loop(a);  // an empty batch has nothing to step (as nn.GRU allows)
+  }
   // The state after the last step processed; with lengths, the carried state is each
   // sequence's state after its own last step. A copy, so h_n is never a view of output.
   at::Tensor h_n = a.output[reverse ? 0 : T - 1].clone();
@@ -200,7 +331,7 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& weight_hh, const at::Tensor& output,
                   const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
                   std::array<bool, 6> output_mask, BackwardLoop loop,
-                  const OneHotOps* one_hot, bool dgh_candidate_only) {
+                  const BackendExtras& extras) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, std::nullopt,
                                        std::nullopt, std::nullopt);
@@ -231,70 +362,107 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   a.weight_hh = weight_hh.contiguous();
   a.output = output.contiguous();
   a.workspace = workspace.contiguous();
-  a.dG = scratch(kScratchDG, {T, B, 3 * H}, input.options());
-  a.dGh = reset_after ? scratch(kScratchDGh, {T, B, dgh_candidate_only ? H : 3 * H},
-                                input.options())
-                      : a.dG;
   a.grad_hx = at::empty({B, H}, hx.options());
-  if (B > 0) {
-    loop(a);
-  } else {  // the post-loop GEMMs over zero rows then give zero weight gradients
-    a.dG.zero_();
-    a.dGh.zero_();
+  if (extras.step_chunks) {
+    a.dh = at::empty({B, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())));
   }
 
-  auto dG2d = a.dG.view({T * B, 3 * H});
-  // dGh's candidate column [T * B, H], the only one read below: r, z would repeat dG's.
-  auto dGh_n = a.dGh.view({T * B, a.dGh.size(2)})
-                   .narrow(1, a.dGh.size(2) == H ? 0 : kGateN * H, H);
-  at::Tensor grad_input = output_mask[0]
-      ? at::mm(dG2d, weight_ih).view({T, B, I})
-      : empty(input);
-  at::Tensor grad_hx = output_mask[1] ? a.grad_hx : empty(hx);
-  at::Tensor grad_weight_ih = empty(weight_ih);
-  bool one_hot_grad = false;  // grad_weight_ih holds dG's rows summed by input column
-  if (output_mask[2]) {
-    const at::Tensor cols = one_hot ? one_hot->columns(input) : at::Tensor();
-    if (cols.defined()) {
-      // Column c of dG^T x sums the rows of dG whose input is e_c. Unlike the GEMM's
-      // 0 * inf, a non-finite dG entry reaches only its own column.
-      grad_weight_ih = one_hot->grad_weight(dG2d, cols, I);
-      one_hot_grad = true;
-    } else {
-      grad_weight_ih = at::mm(dG2d.t(), input.reshape({T * B, I}));
-    }
-  }
+  const at::Tensor cols =
+      output_mask[2] && extras.one_hot ? extras.one_hot->columns(input) : at::Tensor();
+  const at::Tensor x2d = input.reshape({T * B, I});
+  at::Tensor grad_input = empty(input), grad_weight_ih = empty(weight_ih);
   at::Tensor grad_weight_hh = empty(weight_hh);
-  if (output_mask[3]) {
-    grad_weight_hh = at::empty({3 * H, H}, weight_hh.options());
-    const HPrevProduct h_prev(a.hx, a.output, reverse);
-    // Gates r, z see h_prev, with dGh = dG there. The candidate sees h_prev through
-    // dGh's own column when reset_after, else r * h (saved in kSlotHn) through dG's.
-    auto dW_rz = grad_weight_hh.narrow(0, 0, 2 * H);
-    h_prev.mm(dW_rz, dG2d.narrow(1, 0, 2 * H));
-    auto dW_hn = grad_weight_hh.narrow(0, kGateN * H, H);
-    if (reset_after) {
-      h_prev.mm(dW_hn, dGh_n);
-    } else {
-      at::mm_out(dW_hn, dG2d.narrow(1, kGateN * H, H).t(),
-                 a.workspace[kSlotHn].view({T * B, H}));
+  at::Tensor grad_bias_ih = empty(weight_ih), grad_bias_hh_n;  // [3H], [H]
+  if (output_mask[0]) grad_input = empty_to_fill({T, B, I}, input.options());
+  if (output_mask[3]) grad_weight_hh = at::empty({3 * H, H}, weight_hh.options());
+  const bool bias_grads = has_bias && (output_mask[4] || output_mask[5]);
+
+  const int64_t chunk = steps_per_chunk(extras, T, B * 3 * H * int64_t(input.element_size()));
+  const HPrev h_prev(a.hx, a.output, reverse, chunk == T);
+  // Chunks of iterations [i0, i1) from the last down; each adds its steps' share to the
+  // gradients that sum over steps, in a fixed order.
+  for (int64_t i1 = T; i1 > 0; i1 -= chunk) {
+    const int64_t i0 = std::max<int64_t>(0, i1 - chunk), n = i1 - i0;
+    const int64_t t0 = reverse ? T - i1 : i0;  // the chunk's steps are [t0, t0 + n)
+    const bool first_chunk = i1 == T;
+    a.dG = scratch(kScratchDG, {n, B, 3 * H}, input.options());
+    a.dGh = reset_after ? scratch(kScratchDGh, {n, B, extras.dgh_candidate_only ? H : 3 * H},
+                                  input.options())
+                        : a.dG;
+    a.iter_begin = i0;
+    a.iter_end = i1;
+    a.step0 = t0;
+    if (B > 0) {
+      loop(a);
+    } else {  // the GEMMs below over zero rows then give zero weight gradients
+      a.dG.zero_();
+      a.dGh.zero_();
+      a.grad_hx.zero_();
+    }
+
+    auto dG2d = a.dG.view({n * B, 3 * H});
+    // dGh's candidate column [n * B, H], the only one read below: r, z would repeat dG's.
+    auto dGh_n = a.dGh.view({n * B, a.dGh.size(2)})
+                     .narrow(1, a.dGh.size(2) == H ? 0 : kGateN * H, H);
+    if (output_mask[0]) {
+      auto rows = grad_input.view({T * B, I}).narrow(0, t0 * B, n * B);
+      at::mm_out(rows, dG2d, weight_ih);
+    }
+    if (output_mask[2]) {
+      at::Tensor part;
+      if (cols.defined()) {
+        // Column c of dG^T x sums the rows of dG whose input is e_c. Unlike the GEMM's
+        // 0 * inf, a non-finite dG entry reaches only its own column.
+        part = extras.one_hot->grad_weight(dG2d, cols.narrow(0, t0 * B, n * B), I);
+      } else {
+        part = at::mm(dG2d.t(), x2d.narrow(0, t0 * B, n * B));
+      }
+      grad_weight_ih = first_chunk ? part : grad_weight_ih.add_(part);
+    }
+    if (output_mask[3]) {
+      // Gates r, z see h_prev, with dGh = dG there. The candidate sees h_prev through
+      // dGh's own column when reset_after, else r * h (saved in kSlotHn) through dG's.
+      auto dW_rz = grad_weight_hh.narrow(0, 0, 2 * H);
+      h_prev.mm(dW_rz, dG2d.narrow(1, 0, 2 * H), t0, n, !first_chunk);
+      auto dW_hn = grad_weight_hh.narrow(0, kGateN * H, H);
+      if (reset_after) {
+        h_prev.mm(dW_hn, dGh_n, t0, n, !first_chunk);
+      } else {
+        auto rh = a.workspace[kSlotHn].narrow(0, t0, n).reshape({n * B, H});
+        if (first_chunk) {
+          at::mm_out(dW_hn, dG2d.narrow(1, kGateN * H, H).t(), rh);
+        } else {
+          dW_hn.addmm_(dG2d.narrow(1, kGateN * H, H).t(), rh);
+        }
+      }
+    }
+    if (bias_grads) {
+      // The column sums of dG; after the one-hot scatter-add, the row sums of
+      // grad_weight_ih [3H, I] (I values per gate unit instead of T * B), once at the end.
+      if (!cols.defined()) {
+        auto part = dG2d.sum(0);
+        grad_bias_ih = first_chunk ? part : grad_bias_ih.add_(part);
+      }
+      if (reset_after && output_mask[5]) {
+        auto part = dGh_n.sum(0);
+        grad_bias_hh_n = first_chunk ? part : grad_bias_hh_n.add_(part);
+      }
     }
   }
-  at::Tensor grad_bias_ih = empty(weight_ih), grad_bias_hh = empty(weight_ih);
-  if (has_bias && (output_mask[4] || output_mask[5])) {
-    // The column sums of dG. After the one-hot scatter-add they are the row sums of
-    // grad_weight_ih [3H, I], I values per gate unit instead of T * B.
-    grad_bias_ih = one_hot_grad ? grad_weight_ih.sum(1) : dG2d.sum(0);
+
+  at::Tensor grad_hx = output_mask[1] ? a.grad_hx : empty(hx);
+  at::Tensor grad_bias_hh = empty(weight_ih);
+  if (bias_grads) {
+    if (cols.defined()) grad_bias_ih = grad_weight_ih.sum(1);
     if (output_mask[5]) {
       // dGh equals dG but in the candidate's column when reset_after (and is dG when
-      // not): sum only that.
+      // not).
       grad_bias_hh = grad_bias_ih.clone();
-      if (reset_after) {
-        grad_bias_hh.narrow(0, kGateN * H, H).copy_(dGh_n.sum(0));
-      }
+      if (reset_after) grad_bias_hh.narrow(0, kGateN * H, H).copy_(grad_bias_hh_n);
     }
     if (!output_mask[4]) grad_bias_ih = empty(weight_ih);
   }
+  if (!output_mask[2]) grad_weight_ih = empty(weight_ih);
   return {grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh};
 }
 

@@ -93,6 +93,19 @@ torch.library.register_autograd("gru_fused::gru_forward", _backward,
                                 setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    # Without this registration autograd would treat gru_backward's outputs as constants
+    # and a second derivative would come out silently zero.
+    raise RuntimeError(
+        "gru_fused: second derivatives are not supported: the gradients of a FusedGRU "
+        "(or gru_fused.gru) taken with create_graph=True cannot be differentiated again. "
+        "Use torch.nn.GRU for double backward (e.g. gradient penalties).")
+
+
+torch.library.register_autograd("gru_fused::gru_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def gru(
     input: Tensor,
     hx: Optional[Tensor],

@@ -38,3 +38,30 @@ def test_bench_smoke(tmp_path, text_path):
     for r in rows.values():
         assert len(r["history"]["perplexity"]) == 2
         assert r["train_tokens_per_sec"] > 0 and r["layer_fwd_bwd_tokens_per_sec"] > 0
+
+
+def test_cpu_sweep_smoke(tmp_path):
+    """benchmarks/cpu_sweep.py --smoke prints its three tables and measures what it says:
+    FusedGRU's saved-for-backward bytes are within the issue's bound (outputs plus
+    4*T*B*H values) and below nn.GRU's, and one thread uses about one core."""
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cpu_sweep.py"), "--smoke",
+           "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for title in ("## Time machine layer: one-hot I=28, H=256, B=32, T=35, float32",
+                  "## Memory saved for backward", "## Sweep, I = H, dense input, float32"):
+        assert title in proc.stdout
+    assert proc.stdout.count("environment: torch ") == 3
+
+    result = json.loads(out.read_text())
+    mem = result["memory"]
+    T, B, H = 35, 32, 256
+    assert mem["bound"] == 4 * 5 * T * B * H
+    assert mem["fused"] <= mem["bound"] < mem["nn"]
+    [row] = result["time_machine"]["rows"]
+    assert row["threads"] == 1 and row["cpu_over_wall_fb"] < 1.5
+    for key in ("nn_fwd", "fused_fwd", "nn_fb", "fused_fb", "floor_fwd", "floor_fb"):
+        assert row[key] > 0
+    points = result["sweep"]["1"]
+    assert [(p["H"], p["B"], p["T"]) for p in points] == [(16, 1, 5), (16, 4, 5)]

@@ -219,12 +219,14 @@ def _opcheck(device, requires_grad, reset_after):
                           (*args, lengths, reset_after, True))
     with torch.no_grad():
         out, h_n, ws = torch.ops.gru_fused.gru_forward(*args, None, reset_after, False)
+    # gru_backward's own backward only raises (test_double_backward_raises): its opcheck
+    # takes constants.
+    constant = tuple(a.detach() for a in args)
     for mask in ([True] * 6, [False, True, False, True, True, False]):
-        bw_args = (torch.randn_like(out), torch.randn_like(h_n), *args[:4], out, ws, True,
+        bw_args = (torch.randn_like(out), torch.randn_like(h_n), *constant[:4], out, ws, True,
                    reset_after, False, mask)
         torch.library.opcheck(torch.ops.gru_fused.gru_backward.default, bw_args)
     # gru_inference has no autograd: it is only called when no gradient can be taken.
-    constant = tuple(a.detach() for a in args)
     torch.library.opcheck(torch.ops.gru_fused.gru_inference.default,
                           (*constant, lengths, reset_after, True))
 
@@ -315,6 +317,20 @@ def test_one_hot_input_cpu(reset_after, reverse, bias):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("reset_after,reverse", [(True, False), (False, True)])
+def test_long_sequence_in_chunks_cpu(reset_after, reverse):
+    """Past 32 MB of input projections ([T, B, 3H]) the CPU takes the steps in chunks,
+    each with its own GEMMs: the reference's values and gradients all the same."""
+    args = make_args(12, 512, 8, 512, dtype=torch.float64)  # 75 MB of gi: three chunks
+    with torch.no_grad():
+        for w in args[2:]:
+            w.mul_(512 ** -0.5)
+    got = grads_of(fused(reset_after, reverse), args)
+    want = grads_of(lambda *a: reference.gru_layer(*a, reset_after, reverse), args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 def test_gate_math_saturates_and_propagates_nan_cpu():
     """The CPU's vectorized sigmoid/tanh: huge pre-activations saturate to finite values
     (no inf - inf), and a NaN in the input reaches exactly the rows it should."""
@@ -356,12 +372,13 @@ def test_inference_matches_forward_cuda(cuda_device):
 @pytest.mark.skipif(not torch.backends.mkl.is_available(),
                     reason="the claim rests on MKL giving a row the same bits in any "
                            "GEMM of 4 or more rows")
-@pytest.mark.parametrize("B", [8, 13, 32])
+@pytest.mark.parametrize("B,H", [(8, 33), (13, 33), (32, 33), (20, 600), (32, 600)])
 @pytest.mark.parametrize("reset_after", [True, False])
-def test_batch_split_is_bitwise_cpu(B, reset_after):
-    """With two threads the CPU step loops give each thread a block of the batch; the
+def test_batch_split_is_bitwise_cpu(B, H, reset_after):
+    """With two threads the CPU step loops give each thread a block of the batch (with
+    W_hh past 1 MiB, H = 600, only from 32 rows: below, MKL's threaded GEMMs); the
     results are bitwise those of one thread."""
-    args = make_args(6, B, 5, 33, dtype=torch.float32)
+    args = make_args(6, B, 5, H, dtype=torch.float32)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -461,6 +478,15 @@ def test_masked_backward_skips_gradients():
     (out.sum() + h_n.sum()).backward()
     assert w_ih.grad is None and b_ih.grad is None
     assert x.grad is not None and w_hh.grad is not None and b_hh.grad is not None
+
+
+def test_double_backward_raises():
+    """A second derivative is not supported: it raises instead of coming out as zeros."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = make_args(3, 2, 4, 5)
+    out, _ = gru_fused.gru(x, hx, w_ih, w_hh, b_ih, b_hh)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(g.sum(), x)
 
 
 # --- CUDA graphs -------------------------------------------------------------------------
