@@ -35,7 +35,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,23 +53,13 @@ except ModuleNotFoundError as e:  # not installed: run from the checkout this fi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gru_fused import FusedGRU  # noqa: E402
+from gru_fused.train import cpu_name  # noqa: E402
 
 TIME_MACHINE = dict(T=35, B=32, I=28, H=256)
 SWEEP_H, SWEEP_B, SWEEP_T = (64, 256, 1024), (1, 32, 128), (35, 256)
 
 
 # --- Environment -----------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def mkl_version() -> str:
     if not torch.backends.mkl.is_available():

@@ -178,10 +178,31 @@ struct ForwardStep {
   scalar_t* n;
   scalar_t* hn;
   bool active(int64_t b) const { return lengths == nullptr || t < lengths[b]; }
-  const scalar_t* gi_row(int64_t b) const {
-    return gi + (gi_rows ? gi_rows[b] : b) * kNumGates * H;
+  // Row b's [H] column of gate g in gi and in gh.
+  const scalar_t* gi_gate(int64_t b, int g) const {
+    return gi + ((gi_rows ? gi_rows[b] : b) * kNumGates + g) * H;
   }
+  acc_t* gh_gate(int64_t b, int g) const { return gh + (b * kNumGates + g) * H; }
 };
+
+// A padded step of row b (t >= lengths[b]), units [j0, j1): the state carries over and
+// the slots get the cell's padded values (kSlotHn too when write_hn).
+template <typename scalar_t, bool kResetAfter>
+void forward_rows_padded(const ForwardStep<scalar_t>& s, int64_t b, int64_t j0, int64_t j1,
+                         bool write_hn) {
+  using acc_t = acc_of<scalar_t>;
+  using Cell = CpuCell<acc_t, kResetAfter>;
+  const int64_t o = b * s.H;
+  const scalar_t* hp = s.h_prev + o;
+  scalar_t *h = s.h + o, *rs = s.r + o, *zs = s.z + o, *ns = s.n + o, *hns = s.hn + o;
+  for (int64_t j = j0; j < j1; ++j) {
+    acc_t r, z, n, hn;
+    Cell::padded(r, z, n, hn);
+    h[j] = Cell::update(z, n, acc_t(hp[j]));
+    rs[j] = r, zs[j] = z, ns[j] = n;
+    if (write_hn) hns[j] = hn;
+  }
+}
 
 // reset_after: the whole step for row b, units [j0, j1).
 template <typename scalar_t>
@@ -190,22 +211,15 @@ GRU_SIMD_CLONES void forward_rows_reset_after(const ForwardStep<scalar_t>& s, in
   using acc_t = acc_of<scalar_t>;
   using Cell = CpuCell<acc_t, true>;
   const int64_t H = s.H, o = b * H;
-  const scalar_t* gi_r = s.gi_row(b) + kGateR * H;
-  const scalar_t* gi_z = gi_r + (kGateZ - kGateR) * H;
-  const scalar_t* gi_n = gi_r + (kGateN - kGateR) * H;
-  acc_t* gh_r = s.gh + b * kNumGates * H + kGateR * H;
-  acc_t* gh_z = gh_r + (kGateZ - kGateR) * H;
-  const acc_t* gh_n = gh_r + (kGateN - kGateR) * H;
+  const scalar_t *gi_r = s.gi_gate(b, kGateR), *gi_z = s.gi_gate(b, kGateZ);
+  const scalar_t* gi_n = s.gi_gate(b, kGateN);
+  acc_t *gh_r = s.gh_gate(b, kGateR), *gh_z = s.gh_gate(b, kGateZ);
+  const acc_t* gh_n = s.gh_gate(b, kGateN);
   const scalar_t* b_hn = s.b_hn;
   const scalar_t* hp = s.h_prev + o;
   scalar_t *h = s.h + o, *rs = s.r + o, *zs = s.z + o, *ns = s.n + o, *hns = s.hn + o;
   if (!s.active(b)) {
-    for (int64_t j = j0; j < j1; ++j) {
-      acc_t r, z, n, hn;
-      Cell::padded(r, z, n, hn);
-      h[j] = Cell::update(z, n, acc_t(hp[j]));
-      rs[j] = r, zs[j] = z, ns[j] = n, hns[j] = hn;
-    }
+    forward_rows_padded<scalar_t, true>(s, b, j0, j1, /*write_hn=*/true);
     return;
   }
   // Two passes: r, z first (into gh's r, z columns, which the step no longer needs),
@@ -235,10 +249,8 @@ GRU_SIMD_CLONES void forward_rows_reset_update(const ForwardStep<scalar_t>& s, i
   using acc_t = acc_of<scalar_t>;
   using Cell = CpuCell<acc_t, false>;
   const int64_t H = s.H, o = b * H;
-  const scalar_t* gi_r = s.gi_row(b) + kGateR * H;
-  const scalar_t* gi_z = gi_r + (kGateZ - kGateR) * H;
-  const acc_t* gh_r = s.gh + b * kNumGates * H + kGateR * H;
-  const acc_t* gh_z = gh_r + (kGateZ - kGateR) * H;
+  const scalar_t *gi_r = s.gi_gate(b, kGateR), *gi_z = s.gi_gate(b, kGateZ);
+  const acc_t *gh_r = s.gh_gate(b, kGateR), *gh_z = s.gh_gate(b, kGateZ);
   const scalar_t* hp = s.h_prev + o;
   scalar_t *rs = s.r + o, *zs = s.z + o, *hns = s.hn + o;
   GRU_VECTORIZE_LOOP
@@ -257,19 +269,14 @@ GRU_SIMD_CLONES void forward_rows_candidate(const ForwardStep<scalar_t>& s, int6
   using acc_t = acc_of<scalar_t>;
   using Cell = CpuCell<acc_t, false>;
   const int64_t H = s.H, o = b * H;
-  const scalar_t* gi_n = s.gi_row(b) + kGateN * H;
-  const acc_t* gh_n = s.gh + b * kNumGates * H + kGateN * H;
+  const scalar_t* gi_n = s.gi_gate(b, kGateN);
+  const acc_t* gh_n = s.gh_gate(b, kGateN);
   const scalar_t* hp = s.h_prev + o;
   scalar_t *h = s.h + o, *rs = s.r + o, *zs = s.z + o, *ns = s.n + o;
   if (!s.active(b)) {
     // A padded step keeps r h in its slot, as the CUDA kernel must (its gradient
     // contributions are zero whatever the slot holds).
-    for (int64_t j = j0; j < j1; ++j) {
-      acc_t r, z, n, unused_hn;
-      Cell::padded(r, z, n, unused_hn);
-      h[j] = Cell::update(z, n, acc_t(hp[j]));
-      rs[j] = r, zs[j] = z, ns[j] = n;
-    }
+    forward_rows_padded<scalar_t, false>(s, b, j0, j1, /*write_hn=*/false);
     return;
   }
   GRU_VECTORIZE_LOOP

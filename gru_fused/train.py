@@ -258,7 +258,7 @@ def environment(device) -> Dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_name()
+        name = f"{cpu_name()} ({os.cpu_count()} logical cores)"
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -271,15 +271,16 @@ def environment(device) -> Dict:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (platform.processor() or platform.machine()) + f" ({os.cpu_count()} logical cores)"
+    return platform.processor() or platform.machine()
 
 
 def format_environment(env: Dict) -> str:
