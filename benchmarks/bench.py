@@ -21,7 +21,6 @@ Results also go to OUT/bench-<time>.json, with a PNG of the perplexity curves.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -194,41 +193,57 @@ def format_train_table(rows: List[Dict], config: str, env: Dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=50,
-                   help="training epochs per implementation (the book: 500)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-steps", type=int, default=35)
-    p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=10000)
-    p.add_argument("--impls", nargs="+", choices=tm_train.IMPLS, default=list(tm_train.IMPLS))
+                                formatter_class=tm_train.HelpFormatter)
+    p.add_argument("--epochs", type=tm_train.positive_int, default=50,
+                   help="training epochs per implementation (>= 1; the book: 500)")
+    p.add_argument("--hidden", type=tm_train.positive_int, default=256,
+                   help="hidden units of the time machine models")
+    p.add_argument("--batch-size", type=tm_train.positive_int, default=32,
+                   help="sequences per minibatch (>= 1; the corpus must hold one minibatch)")
+    p.add_argument("--num-steps", type=tm_train.positive_int, default=35,
+                   help="time steps per minibatch (>= 1; the corpus must hold one minibatch)")
+    p.add_argument("--lr", type=tm_train.positive_float, default=1.0,
+                   help="SGD learning rate (> 0)")
+    p.add_argument("--max-tokens", type=int, default=10000,
+                   help="corpus length cut (the book's 10000; <= 0 for the whole text)")
+    p.add_argument("--impls", nargs="+", choices=tm_train.IMPLS, default=list(tm_train.IMPLS),
+                   help="implementations of the time machine table")
     p.add_argument("--part", choices=("all", "layer", "train"), default="all",
                    help="which table(s) to produce")
-    p.add_argument("--min-run-time", type=float, default=1.0,
-                   help="seconds per torch.utils.benchmark measurement")
+    p.add_argument("--min-run-time", type=tm_train.positive_float, default=1.0,
+                   help="seconds per torch.utils.benchmark measurement (> 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=tm_train.positive_int, default=None,
+                   help="torch intra-op threads (>= 1; None: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and minibatches")
     p.add_argument("--data", default=None,
                    help=f"path of timemachine.txt (else ${tm_data.ENV_VAR}, the cache, a download)")
     p.add_argument("--out", default="runs", help="directory for the JSON and the PNG")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long run: 2 epochs, H=16, short timings (for tests)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.epochs, args.hidden, args.min_run_time = 2, 16, 0.01
+    # Every check before any work: argument values, the device, the corpus (only the
+    # time machine part reads it), --out.
+    device = tm_train.check_device(parser, args.device)
+    if device.type == "cuda" and not gru_fused.cuda_compiled():
+        parser.error(f"argument --device: device {device} but this build of gru_fused has no "
+                     "CUDA kernels; rebuild it with CUDA, or pass --device cpu")
+    data_path = None
+    if args.part in ("all", "train"):
+        # train_benchmark uses sequential minibatches.
+        data_path = tm_train.check_data(parser, args.data, args.max_tokens, args.batch_size,
+                                        args.num_steps, use_random_iter=False)
+    out = tm_train.check_out(parser, args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = tm_train.resolve_device(args.device)
-    if device.type == "cuda" and not gru_fused.cuda_compiled():
-        raise SystemExit(f"error: device {device} but this build of gru_fused has no CUDA "
-                         "kernels; rebuild it with CUDA, or pass --device cpu")
     env = tm_train.environment(device)
     result: Dict = {"environment": env, "args": vars(args)}
 
@@ -243,18 +258,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                   f"T={args.num_steps}, lr={args.lr}, sequential, {args.max_tokens} tokens")
         try:
             rows = train_benchmark(args.impls, args.epochs, args.hidden, args.batch_size,
-                                   args.num_steps, args.lr, device, args.seed, args.data,
+                                   args.num_steps, args.lr, device, args.seed, data_path,
                                    args.max_tokens, args.min_run_time, not args.no_progress)
         except tm_data.DataError as e:
             raise SystemExit(f"error: {e}")
         result["train"] = {"config": config, "rows": rows}
         print(format_train_table(rows, config, env), end="\n\n", flush=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = tm_train.unique_stem(out, "bench")
     json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    tm_train.write_json(json_path, result)
     written = [str(json_path)]
     if "train" in result:
         curves = {IMPL_LABELS[r["impl"]]: r["history"]["perplexity"] for r in result["train"]["rows"]}

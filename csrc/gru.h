@@ -110,9 +110,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                   const at::Tensor& weight_hh, const at::Tensor& output,
-                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+                  bool has_bias, bool reset_after, bool reverse,
                   std::array<bool, 6> output_mask, BackwardLoop loop,
                   const BackendExtras& extras = {});
+
+// The CPU memory the ops keep between calls (gru_driver.cpp): every thread's scratch
+// buffers (at most 4 x 32 MiB per thread that has called an op) and the workspace pool
+// (at most 2 freed blocks, each the size of a workspace freed recently). cached_bytes()
+// is their total; empty_cache() drops them all and returns the bytes released (a buffer
+// still in use by a live tensor is freed when that tensor dies).
+int64_t cached_bytes();
+int64_t empty_cache();
 
 // Index of the step processed at loop iteration i.
 inline int64_t step_at(int64_t i, int64_t T, bool reverse) { return reverse ? T - 1 - i : i; }

@@ -503,16 +503,19 @@ at::Tensor one_hot_columns_cpu(const at::Tensor& input) {
   bool one_hot = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "gru_fused_one_hot_cpu", [&] {
+    // Compared in acc_t, which holds every scalar_t value exactly (float for bfloat16
+    // and half, double for double): 1 + 1e-9 or 1e-300 in float64 is not a 1 or a 0.
+    using acc_t = acc_of<scalar_t>;
     const scalar_t* p = x.data_ptr<scalar_t>();
     int64_t* c = cols.data_ptr<int64_t>();
     for (int64_t row = 0; row < rows && one_hot; ++row, p += I) {
       int32_t ones = 0, others = 0, where = 0;
       GRU_VECTORIZE_LOOP
       for (int32_t k = 0; k < static_cast<int32_t>(I); ++k) {
-        const float v = static_cast<float>(p[k]);
-        const bool is_one = v == 1.0f;
+        const acc_t v = static_cast<acc_t>(p[k]);
+        const bool is_one = v == acc_t(1);
         ones += is_one;
-        others += !is_one & (v != 0.0f);  // NaN included
+        others += !is_one & (v != acc_t(0));  // NaN included
         where = is_one ? k : where;
       }
       one_hot = ones == 1 && others == 0;
@@ -600,10 +603,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gru_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                  const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                  const at::Tensor& weight_hh, const at::Tensor& output,
-                 const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                 const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+                 bool has_bias, bool reset_after, bool reverse,
                  std::array<bool, 6> output_mask) {
   return gru_backward_impl(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
-                           workspace, has_bias, reset_after, reverse, output_mask,
+                           workspace, lengths, has_bias, reset_after, reverse, output_mask,
                            &backward_loop_cpu, kCpuExtras);
 }
 

@@ -47,11 +47,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gru_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                   const at::Tensor& weight_hh, const at::Tensor& output,
-                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+                 bool has_bias, bool reset_after, bool reverse,
                   std::array<bool, 6> output_mask) {
   const c10::cuda::CUDAGuard guard(input.device());
   return gru_backward_impl(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
-                           workspace, has_bias, reset_after, reverse, output_mask,
+                           workspace, lengths, has_bias, reset_after, reverse, output_mask,
                            &backward_loop_cuda);
 }
 

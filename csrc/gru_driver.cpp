@@ -1,6 +1,8 @@
 // Argument checks and the GEMMs around the step loop, shared by every backend.
 #include "gru.h"
 
+#include <algorithm>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -43,6 +45,22 @@ void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name
               " ", what, ", got ", shape_str(t));
 }
 
+// lengths [B] as the step loops read it: int64, on the CPU, values in [0, T], and
+// contiguous (a strided or expanded tensor is copied: the loops index it as b).
+at::Tensor checked_lengths(const at::Tensor& len, int64_t T, int64_t B) {
+  TORCH_CHECK(len.scalar_type() == at::kLong && len.dim() == 1 && len.size(0) == B,
+              "gru_fused: lengths must be a 1-D int64 tensor of size B = ", B, ", got ",
+              len.scalar_type(), " of shape ", shape_str(len));
+  TORCH_CHECK(len.device().is_cpu(), "gru_fused: lengths must be a CPU tensor (as "
+              "torch.nn.utils.rnn requires), got one on ", len.device());
+  if (B > 0) {
+    const auto lo = len.min().item<int64_t>(), hi = len.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi <= T, "gru_fused: lengths must lie in [0, T] = [0, ", T,
+                "], got values in [", lo, ", ", hi, "]");
+  }
+  return len.contiguous();
+}
+
 // Checks the forward's arguments; returns H.
 int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
                            const at::Tensor& weight_ih, const at::Tensor& weight_hh,
@@ -73,17 +91,7 @@ int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
     check_like(*bias_ih, input, "bias_ih");
     check_like(*bias_hh, input, "bias_hh");
   }
-  if (lengths.has_value()) {
-    const at::Tensor& len = *lengths;
-    TORCH_CHECK(len.scalar_type() == at::kLong && len.dim() == 1 && len.size(0) == B,
-                "gru_fused: lengths must be a 1-D int64 tensor of size B = ", B, ", got ",
-                len.scalar_type(), " of shape ", shape_str(len));
-    TORCH_CHECK(len.device().is_cpu(), "gru_fused: lengths must be a CPU tensor (as "
-                "torch.nn.utils.rnn requires), got one on ", len.device());
-    const auto lo = len.min().item<int64_t>(), hi = len.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi <= T, "gru_fused: lengths must lie in [0, T] = [0, ", T,
-                "], got values in [", lo, ", ", hi, "]");
-  }
+  if (lengths.has_value()) checked_lengths(*lengths, T, B);
   return H;
 }
 
@@ -176,17 +184,98 @@ class WorkspacePool {
 
   std::mutex mu_;
   std::vector<Block> free_;  // oldest first
+
+ public:
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t total = 0;
+    for (const Block& block : free_) total += block.bytes;
+    return total;
+  }
+
+  int64_t clear() {
+    std::vector<Block> dropped;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      dropped.swap(free_);
+    }
+    int64_t total = 0;
+    for (const Block& block : dropped) {
+      total += block.bytes;
+      delete block.owner;
+    }
+    return total;
+  }
+};
+
+// Every thread's scratch buffers, one per role, registered so that empty_cache() can
+// drop them from any thread. A buffer is a Storage: one handed out by scratch() stays
+// alive, through its tensor, until that tensor dies, whatever happens to the cache.
+class ScratchCaches {
+ public:
+  using Cache = std::array<at::Storage, kNumScratch>;
+
+  static ScratchCaches& instance() {
+    static auto* caches = new ScratchCaches();  // never destroyed: threads may outlive statics
+    return *caches;
+  }
+
+  // A buffer of at least `bytes` for role, this thread's if it is big enough.
+  at::Storage get(ScratchRole role, int64_t bytes) {
+    thread_local Registered mine;
+    std::lock_guard<std::mutex> lock(mu_);
+    at::Storage& storage = (*mine.cache)[role];
+    if (!storage || static_cast<int64_t>(storage.nbytes()) < bytes) {
+      storage = at::empty({bytes}, at::TensorOptions(at::kByte)).storage();
+    }
+    return storage;
+  }
+
+  int64_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t total = 0;
+    for (const auto& cache : caches_) {
+      for (const at::Storage& storage : *cache) total += storage ? int64_t(storage.nbytes()) : 0;
+    }
+    return total;
+  }
+
+  int64_t clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t total = 0;
+    for (const auto& cache : caches_) {
+      for (at::Storage& storage : *cache) {
+        total += storage ? int64_t(storage.nbytes()) : 0;
+        storage = at::Storage();
+      }
+    }
+    return total;
+  }
+
+ private:
+  // A thread's cache, listed here from its first use to the thread's exit.
+  struct Registered {
+    std::shared_ptr<Cache> cache = std::make_shared<Cache>();
+    Registered() {
+      auto& self = instance();
+      std::lock_guard<std::mutex> lock(self.mu_);
+      self.caches_.push_back(cache);
+    }
+    ~Registered() {
+      auto& self = instance();
+      std::lock_guard<std::mutex> lock(self.mu_);
+      self.caches_.erase(std::find(self.caches_.begin(), self.caches_.end(), cache));
+    }
+  };
+
+  std::mutex mu_;
+  std::vector<std::shared_ptr<Cache>> caches_;
 };
 
 at::Tensor scratch(ScratchRole role, at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
   if (!options.device().is_cpu() || bytes > kMaxCached) return empty_to_fill(sizes, options);
-  thread_local std::array<at::Storage, kNumScratch> cache;
-  at::Storage& storage = cache[role];
-  if (!storage || static_cast<int64_t>(storage.nbytes()) < bytes) {
-    storage = at::empty({bytes}, at::TensorOptions(at::kByte)).storage();
-  }
-  return at::empty({0}, options).set_(storage, 0, sizes);
+  return at::empty({0}, options).set_(ScratchCaches::instance().get(role, bytes), 0, sizes);
 }
 
 // Steps per call of a loop whose per-step buffer takes step_bytes: all T, unless the
@@ -255,6 +344,14 @@ class HPrev {
 
 }  // namespace
 
+int64_t cached_bytes() {
+  return ScratchCaches::instance().cached_bytes() + WorkspacePool::instance().cached_bytes();
+}
+
+int64_t empty_cache() {
+  return ScratchCaches::instance().clear() + WorkspacePool::instance().clear();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
@@ -290,11 +387,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
   // reduction; one that overflows merely sends us to the GEMM.
   const bool table = cols.defined() && std::isfinite(weight_ih.sum().item<double>());
   if (table) {
-    a.gi = weight_ih.t().contiguous();  // [I, 3H], read row by row through gi_rows
-    if (folded.defined()) a.gi.add_(folded);
+    // [I, 3H], read row by row through gi_rows. A fresh tensor when the biases are
+    // folded in: weight_ih.t().contiguous() is weight_ih itself when that is already a
+    // transposed [I, 3H] (or I == 1), and an op never writes into its arguments.
+    if (folded.defined()) {
+      a.gi = at::empty({I, 3 * H}, input.options());
+      at::add_out(a.gi, weight_ih.t(), folded);
+    } else {
+      a.gi = weight_ih.t().contiguous();  // only read
+    }
     a.gi_rows = cols.view({T, B});
   }
-  if (lengths.has_value()) a.lengths = lengths->to(input.device());
+  if (lengths.has_value()) a.lengths = checked_lengths(*lengths, T, B).to(input.device());
   a.output = empty_to_fill({T, B, H}, input.options());
   a.workspace = WorkspacePool::instance().empty({kNumSlots, keep_workspace ? T : 1, B, H},
                                                 input.options());
@@ -329,12 +433,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
                   const at::Tensor& weight_hh, const at::Tensor& output,
-                  const at::Tensor& workspace, bool has_bias, bool reset_after, bool reverse,
+                  const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
+                  bool has_bias, bool reset_after, bool reverse,
                   std::array<bool, 6> output_mask, BackwardLoop loop,
                   const BackendExtras& extras) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, std::nullopt,
-                                       std::nullopt, std::nullopt);
+                                       std::nullopt, lengths);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   check_shape(grad_output, {T, B, H}, "grad_output", "[T, B, H]");
   check_shape(grad_h_n, {B, H}, "grad_h_n", "[B, H]");
@@ -367,9 +472,29 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     a.dh = at::empty({B, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())));
   }
 
+  // Padded positions (t >= lengths[b]) get dG = 0, but 0 * NaN is NaN: a padding left
+  // as torch.empty would reach dW_ih through dG^T x, and dW_hn through r h when
+  // !reset_after (the forward computed r from that padding). Those products see the
+  // padding as zeros instead: [T, B, 1], true where the step is active.
+  at::Tensor active;
+  if (lengths.has_value() && B > 0) {
+    const at::Tensor len = checked_lengths(*lengths, T, B);
+    if (len.min().item<int64_t>() < T) {
+      active = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0))
+                   .unsqueeze(2).to(input.device());
+    }
+  }
+  const auto unpadded = [&](const at::Tensor& t) {  // t [T, B, .]
+    return active.defined() ? at::where(active, t, at::zeros({}, t.options())) : t;
+  };
   const at::Tensor cols =
       output_mask[2] && extras.one_hot ? extras.one_hot->columns(input) : at::Tensor();
-  const at::Tensor x2d = input.reshape({T * B, I});
+  const at::Tensor x2d = output_mask[2] && !cols.defined()
+                             ? unpadded(input).reshape({T * B, I})
+                             : input.reshape({T * B, I});
+  const at::Tensor rh_all = output_mask[3] && !reset_after  // r h [T, B, H]
+                                ? unpadded(a.workspace[kSlotHn])
+                                : at::Tensor();
   at::Tensor grad_input = empty(input), grad_weight_ih = empty(weight_ih);
   at::Tensor grad_weight_hh = empty(weight_hh);
   at::Tensor grad_bias_ih = empty(weight_ih), grad_bias_hh_n;  // [3H], [H]
@@ -408,12 +533,20 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       auto rows = grad_input.view({T * B, I}).narrow(0, t0 * B, n * B);
       at::mm_out(rows, dG2d, weight_ih);
     }
+    // Column c of dG^T x sums the rows of dG whose input is e_c: a scatter-add for
+    // one-hot x. Only for finite dG: the GEMM's 0 * inf carries a non-finite entry of
+    // dG into every column of its row (as nn.GRU's does), the scatter would not. A
+    // finite sum proves that in one cheap reduction; one that overflows merely sends
+    // us to the GEMM.
+    const bool scatter = cols.defined() && std::isfinite(dG2d.sum().item<double>());
+    at::Tensor bias_part;  // this chunk's column sums of dG [3H]
     if (output_mask[2]) {
       at::Tensor part;
-      if (cols.defined()) {
-        // Column c of dG^T x sums the rows of dG whose input is e_c. Unlike the GEMM's
-        // 0 * inf, a non-finite dG entry reaches only its own column.
+      if (scatter) {
         part = extras.one_hot->grad_weight(dG2d, cols.narrow(0, t0 * B, n * B), I);
+        // After the scatter-add, the row sums of part [3H, I]: I values per gate unit
+        // instead of n * B.
+        if (bias_grads) bias_part = part.sum(1);
       } else {
         part = at::mm(dG2d.t(), x2d.narrow(0, t0 * B, n * B));
       }
@@ -428,7 +561,7 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       if (reset_after) {
         h_prev.mm(dW_hn, dGh_n, t0, n, !first_chunk);
       } else {
-        auto rh = a.workspace[kSlotHn].narrow(0, t0, n).reshape({n * B, H});
+        auto rh = rh_all.narrow(0, t0, n).reshape({n * B, H});
         if (first_chunk) {
           at::mm_out(dW_hn, dG2d.narrow(1, kGateN * H, H).t(), rh);
         } else {
@@ -437,12 +570,8 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       }
     }
     if (bias_grads) {
-      // The column sums of dG; after the one-hot scatter-add, the row sums of
-      // grad_weight_ih [3H, I] (I values per gate unit instead of T * B), once at the end.
-      if (!cols.defined()) {
-        auto part = dG2d.sum(0);
-        grad_bias_ih = first_chunk ? part : grad_bias_ih.add_(part);
-      }
+      if (!bias_part.defined()) bias_part = dG2d.sum(0);
+      grad_bias_ih = first_chunk ? bias_part : grad_bias_ih.add_(bias_part);
       if (reset_after && output_mask[5]) {
         auto part = dGh_n.sum(0);
         grad_bias_hh_n = first_chunk ? part : grad_bias_hh_n.add_(part);
@@ -450,10 +579,12 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     }
   }
 
+  // Padded positions take no part: their gradient is zero even where dG's zeros met a
+  // non-finite weight_ih.
+  if (output_mask[0]) grad_input = unpadded(grad_input);
   at::Tensor grad_hx = output_mask[1] ? a.grad_hx : empty(hx);
   at::Tensor grad_bias_hh = empty(weight_ih);
   if (bias_grads) {
-    if (cols.defined()) grad_bias_ih = grad_weight_ih.sum(1);
     if (output_mask[5]) {
       // dGh equals dG but in the candidate's column when reset_after (and is dG when
       // not).

@@ -66,6 +66,7 @@ struct FastMathF {
     constexpr float kLn2Hi = 0.693359375f;  // few mantissa bits: k * kLn2Hi is exact
     constexpr float kLn2Lo = -2.12194440e-4f;
     constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float in = x;
     // e^x over/underflows outside about [-87.3, 88.7]; clamp so 2^k stays a normal float.
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
@@ -83,7 +84,10 @@ struct FastMathF {
     p = p * f + 5.0000001201e-1f;
     p = p * (f * f) + f + 1.0f;
     const float two_k = __builtin_bit_cast(float, (static_cast<uint32_t>(k) + 127u) << 23);
-    return p * two_k;
+    // From ln(FLT_MAX) up, e^x overflows to +inf, as libm's expf does: so sigmoid(-inf)
+    // is exactly 0 (not 6e-39) and its derivative r (1 - r) exactly 0, as in PyTorch, and
+    // a gradient meeting an infinite input is NaN where nn.GRU's is.
+    return in >= 88.72283935546875f ? __builtin_inff() : p * two_k;
   }
   static inline float sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }
   static inline float tanh(float x) {

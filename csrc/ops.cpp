@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "gru.h"
 #include "schemas.h"
 
 TORCH_LIBRARY(gru_fused, m) {
@@ -39,10 +40,30 @@ TORCH_LIBRARY_IMPL(gru_fused, CompositeExplicitAutograd, m) {
   m.impl("gru_inference", &gru_inference_any_device);
 }
 
-// `import gru_fused._C` loads the library above; the module itself only reports how it
-// was built.
+// `import gru_fused._C` loads the library above; the module itself reports how it was
+// built and manages the memory the CPU kernels keep between calls (gru.h).
+static PyObject* py_cached_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(gru_fused::cached_bytes());
+}
+
+static PyObject* py_empty_cache(PyObject*, PyObject*) {
+  int64_t released = 0;
+  Py_BEGIN_ALLOW_THREADS
+  released = gru_fused::empty_cache();
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLongLong(released);
+}
+
+static PyMethodDef gru_fused_methods[] = {
+    {"cached_bytes", py_cached_bytes, METH_NOARGS,
+     "Bytes of CPU scratch and workspace memory kept between calls."},
+    {"empty_cache", py_empty_cache, METH_NOARGS,
+     "Releases the kept CPU memory; returns the bytes released."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef gru_fused_module = {
-    PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+    PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gru_fused_methods, nullptr, nullptr, nullptr,
+    nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&gru_fused_module);

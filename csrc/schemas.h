@@ -21,10 +21,12 @@ constexpr const char* kInferenceSchema =
 
 // Returns (grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias_ih,
 // grad_bias_hh); an entry whose output_mask is false (or a bias grad when has_bias is
-// false) is an empty tensor of shape [0] and costs nothing.
+// false) is an empty tensor of shape [0] and costs nothing. lengths is the forward's:
+// padded positions of input (t >= lengths[b]) take no part, whatever they hold.
 constexpr const char* kBackwardSchema =
     "gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
-    "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, bool has_bias, "
+    "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor workspace, Tensor? lengths, "
+    "bool has_bias, "
     "bool reset_after, bool reverse, bool[6] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 

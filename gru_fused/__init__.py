@@ -4,12 +4,15 @@
     gru_fused.FusedGRU            drop-in replacement for torch.nn.GRU
     gru_fused.scratch             drop-in for the d2l from-scratch GRU functions
     gru_fused.reference           pure-PyTorch references of both formulas
+    gru_fused.GRUFunction         the autograd.Function behind gru() (backward and jvp)
     gru_fused.cuda_compiled()     whether the CUDA kernels were compiled into the extension
+    gru_fused.empty_cache()       releases the CPU buffers the ops keep between calls
 """
 from . import ops, reference
-from .ops import gru, cuda_compiled
+from .ops import GRUFunction, cached_bytes, cuda_compiled, empty_cache, gru
 from .module import FusedGRU
 from . import scratch
 
-__all__ = ["gru", "cuda_compiled", "FusedGRU", "ops", "reference", "scratch"]
+__all__ = ["gru", "GRUFunction", "cuda_compiled", "cached_bytes", "empty_cache", "FusedGRU",
+           "ops", "reference", "scratch"]
 __version__ = "0.1.0"

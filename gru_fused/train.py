@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -201,6 +202,9 @@ def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
             step_losses.append(l_value)
         total_loss += l_value * y.numel()
         total_tokens += y.numel()
+    if total_tokens == 0:
+        raise ValueError("the corpus gave no minibatch: it is shorter than one minibatch of "
+                         "batch_size x num_steps tokens (see minibatch_problem)")
     _synchronize(device)
     elapsed = time.perf_counter() - start
     return math.exp(total_loss / total_tokens), total_tokens / elapsed, total_tokens, elapsed
@@ -353,39 +357,185 @@ def unique_stem(out: Path, prefix: str) -> str:
     return candidate
 
 
+def json_safe(obj):
+    """obj with every non-finite float (NaN, +-Infinity) replaced by None, so that
+    json.dumps(..., allow_nan=False) writes valid JSON (null) instead of NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+# --- Checking the command line before any work -----------------------------------------
+# Argument errors go through argparse (parser.error or a type= validator): one line
+# "prog: error: argument --name: ...", exit status 2, before any data, training or timing.
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def minibatch_problem(num_tokens: int, batch_size: int, num_steps: int,
+                      use_random_iter: bool = False, max_tokens: int = -1) -> Optional[str]:
+    """None when a corpus of num_tokens yields at least one minibatch every epoch, else an
+    argparse-style message ("argument --name: ...") naming the argument to change and
+    its bound.
+
+    gru_fused.data's iterators start at a random offset, at most num_steps (sequential)
+    or num_steps - 1 (random), and keep one token for the shifted labels: the sequential
+    one has (n - offset - 1) // batch_size columns, cut into minibatches of num_steps;
+    the random one has (n - offset - 1) // num_steps subsequences, grouped by batch_size.
+    Either way one minibatch, whatever the offset, needs n >= (batch_size + 1) *
+    num_steps + 1 tokens (sequential) or n >= (batch_size + 1) * num_steps (random).
+    """
+    slack = 0 if use_random_iter else 1
+    need = (batch_size + 1) * num_steps + slack
+    if num_tokens >= need:
+        return None
+    max_batch = (num_tokens - slack) // num_steps - 1  # for this num_steps
+    max_steps = (num_tokens - slack) // (batch_size + 1)  # for this batch_size
+    kind = "random" if use_random_iter else "sequential"
+    cut = " (cut by --max-tokens)" if 0 < max_tokens <= num_tokens else ""
+    what = (f"one {kind} minibatch of --batch-size {batch_size} x --num-steps {num_steps} "
+            f"needs a corpus of at least {need} tokens, but it has {num_tokens}{cut}")
+    if max_batch >= 1:
+        also = f" (or --num-steps <= {max_steps})" if max_steps >= 1 else ""
+        return (f"argument --batch-size: {batch_size} is too large: {what}; with --num-steps "
+                f"{num_steps}, --batch-size must be <= {max_batch}{also}")
+    if max_steps >= 1:
+        return (f"argument --num-steps: {num_steps} is too large: {what}; with --batch-size "
+                f"{batch_size}, --num-steps must be <= {max_steps}")
+    name = "--max-tokens" if cut else "--batch-size"
+    return (f"argument {name}: {what}; raise --max-tokens (<= 0: the whole text) or lower "
+            f"--batch-size and --num-steps")
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
+    """The device of --device, or a parser error if it is malformed or absent."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as e:
+        parser.error(f"argument --device: {e}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {device}: no CUDA device is available "
+                     "(use --device cpu)")
+    return resolved
+
+
+def check_data(parser: argparse.ArgumentParser, data: Optional[str], max_tokens: int,
+               batch_size: int, num_steps: int, use_random_iter: bool = False) -> Path:
+    """The verified path of the text (as gru_fused.data finds it), after checking that its
+    corpus, cut to max_tokens, gives at least one minibatch. Loading and hashing the text
+    takes milliseconds; a bad --data or a too-short corpus is a parser error (exit 2). A
+    bad $GRU_FUSED_DATA, cache or download exits with status 1 and data.py's advice."""
+    try:
+        path = tm_data.time_machine_path(data)
+        corpus, _ = tm_data.load_corpus_time_machine(max_tokens, path)
+    except tm_data.DataError as e:
+        if data is not None:
+            parser.error(f"argument --data: {e}")
+        raise SystemExit(f"error: {e}")
+    problem = minibatch_problem(len(corpus), batch_size, num_steps, use_random_iter,
+                                max_tokens)
+    if problem:
+        parser.error(problem)
+    return path
+
+
+def check_out(parser: argparse.ArgumentParser, out: str) -> Path:
+    """--out as a directory that exists and takes files (created if needed), else a parser
+    error: found before the run, not after it."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        parser.error(f"argument --out: {out} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        parser.error(f"argument --out: cannot create or write to the directory {out}: "
+                     f"{e.strerror or e}")
+    return path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default, and descriptions keep their line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gru_fused.train",
-        description="Train the d2l GRU character model on The Time Machine.")
+        description="Train the d2l GRU character model on The Time Machine.",
+        formatter_class=HelpFormatter)
     p.add_argument("--impl", choices=IMPLS, default="fused", help="GRU implementation")
-    p.add_argument("--epochs", type=int, default=500)
-    p.add_argument("--hidden", type=int, default=256, help="number of hidden units")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-steps", type=int, default=35, help="time steps per minibatch")
-    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--epochs", type=positive_int, default=500, help="training epochs (>= 1)")
+    p.add_argument("--hidden", type=positive_int, default=256, help="number of hidden units")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="sequences per minibatch (>= 1; the corpus must hold one minibatch)")
+    p.add_argument("--num-steps", type=positive_int, default=35,
+                   help="time steps per minibatch (>= 1; the corpus must hold one minibatch)")
+    p.add_argument("--lr", type=positive_float, default=1.0, help="SGD learning rate (> 0)")
     p.add_argument("--max-tokens", type=int, default=10000,
                    help="corpus length cut (the book's 10000; <= 0 for the whole text)")
     p.add_argument("--random-iter", action="store_true",
                    help="random instead of sequential minibatches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads (>= 1; None: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and minibatches")
     p.add_argument("--data", default=None,
                    help=f"path of timemachine.txt (else ${tm_data.ENV_VAR}, the cache, a download)")
     p.add_argument("--out", default="runs", help="directory for the JSON record and the plot")
-    p.add_argument("--sample-every", type=int, default=50,
+    p.add_argument("--sample-every", type=non_negative_int, default=50,
                    help="print a generated line every N epochs (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Every check before any work: argument values, the device, the corpus, --out.
+    device = check_device(parser, args.device)
+    data_path = check_data(parser, args.data, args.max_tokens, args.batch_size,
+                           args.num_steps, args.random_iter)
+    out = check_out(parser, args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         record = run(args.impl, args.epochs, args.hidden, args.batch_size, args.num_steps,
-                     args.lr, args.device, args.seed, args.data, args.max_tokens,
+                     args.lr, device, args.seed, data_path, args.max_tokens,
                      args.random_iter, progress=not args.no_progress,
                      sample_every=args.sample_every)
     except tm_data.DataError as e:
@@ -397,11 +547,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(record["predictions"][prefix])
     print(format_environment(record["environment"]))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = unique_stem(out, f"train-{args.impl}")
     json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(json_path, record)
     png_path = plot_perplexity({args.impl: record["history"]["perplexity"]}, out / f"{stem}.png",
                                f"{args.impl}: perplexity {record['perplexity']:.2f}")
     print(f"wrote {json_path} and {png_path}")

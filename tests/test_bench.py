@@ -1,11 +1,24 @@
-"""benchmarks/bench.py runs end to end in its smoke mode and reports what it promises."""
+"""benchmarks/bench.py runs end to end in its smoke mode and reports what it promises,
+and refuses bad arguments before any work."""
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _strict_json(text):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_bench_smoke(tmp_path, text_path):
@@ -26,7 +39,7 @@ def test_bench_smoke(tmp_path, text_path):
 
     [record_path] = out.glob("bench-*.json")
     assert len(list(out.glob("bench-*.png"))) == 1
-    record = json.loads(record_path.read_text())
+    record = _strict_json(record_path.read_text())
     assert record["environment"]["device"] == "cpu"
     layer = {r["layer"]: r for r in record["layer"]["rows"]}
     assert layer["torch.nn.GRU"]["fwd_bwd_vs_nn"] == 1.0
@@ -65,3 +78,98 @@ def test_cpu_sweep_smoke(tmp_path):
         assert row[key] > 0
     points = result["sweep"]["1"]
     assert [(p["H"], p["B"], p["T"]) for p in points] == [(16, 1, 5), (16, 4, 5)]
+
+
+# --- The command line refuses bad arguments before any work (exit status 2) -----------
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/bench.py as a module, for in-process main(argv) calls."""
+    spec = importlib.util.spec_from_file_location("gru_fused_bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_benchmarking(bench, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("benchmarking started despite a bad argument")
+
+    for name in ("layer_benchmark", "train_benchmark", "net_fwd_bwd"):
+        monkeypatch.setattr(bench, name, refuse)
+    monkeypatch.setattr(bench.tm_train, "run", refuse)
+
+
+# (extra arguments, the argument the message must name, other text it must contain)
+BAD_BENCH_ARGS = [
+    (["--epochs", "-1"], "--epochs", ">= 1"),
+    (["--epochs", "0"], "--epochs", ">= 1"),
+    (["--batch-size", "0"], "--batch-size", ">= 1"),
+    (["--batch-size", "-3"], "--batch-size", ">= 1"),
+    # 10000 tokens, 35 steps, sequential: (B + 1) * 35 + 1 <= 10000 up to B = 284.
+    (["--batch-size", "20000"], "--batch-size", "<= 284"),
+    (["--num-steps", "0"], "--num-steps", ">= 1"),
+    (["--num-steps", "20000"], "--num-steps", "<= 303"),
+    (["--max-tokens", "5"], "--max-tokens", "at least 1156 tokens"),
+    (["--hidden", "0"], "--hidden", ">= 1"),
+    (["--lr", "0"], "--lr", "> 0"),
+    (["--lr", "nan"], "--lr", "> 0"),
+    (["--threads", "0"], "--threads", ">= 1"),
+    (["--min-run-time", "0"], "--min-run-time", "> 0"),
+    (["--min-run-time", "-1"], "--min-run-time", "> 0"),
+    (["--device", "nonsense"], "--device", "nonsense"),
+]
+
+
+def _assert_refused(bench, argv, arg, text, capsys):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert time.perf_counter() - start < 5
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"python benchmarks/bench.py: error: argument {arg}: "), err[-1]
+    assert text in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("extra, arg, text", BAD_BENCH_ARGS,
+                         ids=[" ".join(a[0]) for a in BAD_BENCH_ARGS])
+def test_bench_bad_argument_exits_2_before_any_work(extra, arg, text, bench, no_benchmarking,
+                                                    tmp_path, text_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["--device", "cpu", "--no-progress", "--data", str(text_path), "--out", str(out),
+            *extra]
+    _assert_refused(bench, argv, arg, text, capsys)
+    assert not out.exists()
+
+
+def test_bench_bad_data_exits_2_before_the_layer_benchmark(bench, no_benchmarking, tmp_path,
+                                                           capsys):
+    bad = tmp_path / "timemachine.txt"
+    bad.write_text("not the book")
+    out = tmp_path / "runs"
+    argv = ["--device", "cpu", "--no-progress", "--data", str(bad), "--out", str(out)]
+    _assert_refused(bench, argv, "--data", "SHA-1", capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["existing file", "parent is a file"])
+def test_bench_unusable_out_exits_2_before_any_work(case, bench, no_benchmarking, tmp_path,
+                                                    text_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    out = a_file if case == "existing file" else a_file / "runs"
+    argv = ["--device", "cpu", "--no-progress", "--data", str(text_path), "--out", str(out)]
+    _assert_refused(bench, argv, "--out", str(out), capsys)
+
+
+def test_bench_help_shows_defaults(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 50)", "(default: 32)", "(default: 35)", "(default: 1.0)",
+                    "(default: runs)", "(default: all)"):
+        assert default in help_text
+    assert "1. Layer (issue 2)" in help_text  # the description is still there

@@ -68,7 +68,8 @@ def test_emulated_kernels_match_cpu(emu_ops, shape, reset_after, reverse, length
         torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
     go, gh = torch.randn_like(want[0]), torch.randn_like(want[1])
-    bwd = (go, gh, x, hx, w_ih, w_hh, want[0], want[2], True, reset_after, reverse, [True] * 6)
+    bwd = (go, gh, x, hx, w_ih, w_hh, want[0], want[2], lens, True, reset_after, reverse,
+           [True] * 6)
     names = ["grad_input", "grad_hx", "grad_weight_ih", "grad_weight_hh", "grad_bias_ih",
              "grad_bias_hh"]
     for name, g, w in zip(names, emu_ops.gru_backward(*bwd), torch.ops.gru_fused.gru_backward(*bwd)):

@@ -223,8 +223,8 @@ def _opcheck(device, requires_grad, reset_after):
     # takes constants.
     constant = tuple(a.detach() for a in args)
     for mask in ([True] * 6, [False, True, False, True, True, False]):
-        bw_args = (torch.randn_like(out), torch.randn_like(h_n), *constant[:4], out, ws, True,
-                   reset_after, False, mask)
+        bw_args = (torch.randn_like(out), torch.randn_like(h_n), *constant[:4], out, ws, None,
+                   True, reset_after, False, mask)
         torch.library.opcheck(torch.ops.gru_fused.gru_backward.default, bw_args)
     # gru_inference has no autograd: it is only called when no gradient can be taken.
     torch.library.opcheck(torch.ops.gru_fused.gru_inference.default,
@@ -440,8 +440,8 @@ def test_backward_rejects_mismatched_workspace():
     args = good()
     out, h_n, ws = call(*args)
     with pytest.raises(RuntimeError, match=r"workspace must have shape \[4, 3, 2, 5\]"):
-        torch.ops.gru_fused.gru_backward(out, h_n, *args[:4], out, ws[:, :2], True, True,
-                                         False, [True] * 6)
+        torch.ops.gru_fused.gru_backward(out, h_n, *args[:4], out, ws[:, :2], None, True,
+                                         True, False, [True] * 6)
 
 
 def test_empty_batch():

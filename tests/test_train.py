@@ -1,9 +1,12 @@
 """The book's training loop with each of the four GRUs: it learns, the fused versions
 follow their references step by step, and the command line runs end to end."""
 import json
+import os
 import random
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,11 +103,17 @@ def test_unknown_impl_is_refused():
         train.make_net("cudnn", 28, 8, "cpu")
 
 
-def test_cli_bad_data_path_exits_with_advice(tmp_path):
+def test_cli_bad_data_path_exits_with_advice(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--impl", "nn", "--epochs", "1", "--data", str(tmp_path / "missing.txt"),
-                    "--out", str(tmp_path), "--no-progress"])
-    assert "--data" in str(e.value.code)
+                    "--out", str(tmp_path / "runs"), "--no-progress"])
+    # A bad --data is an argument error: exit status 2, argparse's message, and data.py's
+    # advice (which says how to pass --data).
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m gru_fused.train: error: argument --data: ")
+    assert "missing.txt" in err and "--data PATH" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_end_to_end(tmp_path, text_path):
@@ -122,3 +131,172 @@ def test_cli_end_to_end(tmp_path, text_path):
     assert record["impl"] == "fused" and record["config"]["num_hiddens"] == 16
     assert len(record["history"]["perplexity"]) == 2 and len(record["samples"]) == 2
     assert record["environment"]["threads"] == 1
+
+
+# --- The command line refuses bad arguments before any work (exit status 2) -----------
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started despite a bad argument")
+
+
+# (extra arguments, the argument the message must name, other text it must contain)
+BAD_TRAIN_ARGS = [
+    (["--epochs", "-1"], "--epochs", ">= 1"),
+    (["--epochs", "0"], "--epochs", ">= 1"),
+    (["--batch-size", "0"], "--batch-size", ">= 1"),
+    (["--batch-size", "-3"], "--batch-size", ">= 1"),
+    # 10000 tokens, 35 steps: (B + 1) * 35 + 1 <= 10000 holds up to B = 284.
+    (["--batch-size", "20000"], "--batch-size", "<= 284"),
+    (["--num-steps", "0"], "--num-steps", ">= 1"),
+    # 10000 tokens, batch 32: 33 * T + 1 <= 10000 holds up to T = 303.
+    (["--num-steps", "20000"], "--num-steps", "<= 303"),
+    (["--max-tokens", "5"], "--max-tokens", "at least 1156 tokens"),
+    # Random minibatches need (B + 1) * T tokens: 100 // 20 - 1 = 4.
+    (["--random-iter", "--max-tokens", "100", "--num-steps", "20", "--batch-size", "5"],
+     "--batch-size", "<= 4"),
+    (["--hidden", "0"], "--hidden", ">= 1"),
+    (["--lr", "0"], "--lr", "> 0"),
+    (["--lr", "-0.5"], "--lr", "> 0"),
+    (["--lr", "nan"], "--lr", "> 0"),
+    (["--lr", "inf"], "--lr", "> 0"),
+    (["--threads", "0"], "--threads", ">= 1"),
+    (["--sample-every", "-1"], "--sample-every", ">= 0"),
+    (["--device", "nonsense"], "--device", "nonsense"),
+]
+
+
+@pytest.mark.parametrize("use_random_iter", [False, True], ids=["sequential", "random"])
+def test_minibatch_problem_matches_the_iterators(use_random_iter, monkeypatch):
+    """minibatch_problem says None exactly when data.py's iterator yields a minibatch
+    whatever its random offset, and the bounds it names are the largest that work."""
+    iterator = data.seq_data_iter_random if use_random_iter else data.seq_data_iter_sequential
+    for n in range(0, 40):
+        corpus = list(range(n))
+        for batch_size in range(1, 8):
+            for num_steps in range(1, 8):
+                offsets = range(num_steps) if use_random_iter else range(num_steps + 1)
+                yields = []
+                for offset in offsets:
+                    monkeypatch.setattr(random, "randint", lambda a, b, offset=offset: offset)
+                    try:
+                        yields.append(any(True for _ in iterator(corpus, batch_size, num_steps)))
+                    except RuntimeError:  # a reshape of too few tokens
+                        yields.append(False)
+                problem = train.minibatch_problem(n, batch_size, num_steps, use_random_iter)
+                assert (problem is None) == all(yields), (n, batch_size, num_steps, problem)
+                for arg, bound in re.findall(r"(--batch-size|--num-steps)(?: must be)? <= (\d+)",
+                                             problem or ""):
+                    b, t = ((int(bound), num_steps) if arg == "--batch-size"
+                            else (batch_size, int(bound)))
+                    assert train.minibatch_problem(n, b, t, use_random_iter) is None
+                    assert train.minibatch_problem(n, b + (arg == "--batch-size"),
+                                                   t + (arg == "--num-steps"),
+                                                   use_random_iter) is not None
+
+
+def _assert_refused(main, argv, arg, text, capsys, prog):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert time.perf_counter() - start < 5
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # argparse's usage lines, then one line with the error.
+    assert err[-1].startswith(f"{prog}: error: argument {arg}: "), err[-1]
+    assert text in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("extra, arg, text", BAD_TRAIN_ARGS,
+                         ids=[" ".join(a[0]) for a in BAD_TRAIN_ARGS])
+def test_cli_bad_argument_exits_2_before_any_work(extra, arg, text, tmp_path, text_path,
+                                                  capsys, monkeypatch):
+    monkeypatch.setattr(train, "run", _no_training)
+    monkeypatch.setattr(train, "train", _no_training)
+    out = tmp_path / "runs"
+    argv = ["--impl", "nn", "--data", str(text_path), "--out", str(out), "--no-progress",
+            *extra]
+    _assert_refused(train.main, argv, arg, text, capsys, "python -m gru_fused.train")
+    assert not out.exists()  # nothing written, not even the directory
+
+
+def _unusable_out_dirs(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    return {"existing file": a_file, "parent is a file": a_file / "runs"}
+
+
+@pytest.mark.parametrize("case", ["existing file", "parent is a file"])
+def test_cli_unusable_out_exits_2_before_the_run(case, tmp_path, text_path, capsys,
+                                                 monkeypatch):
+    monkeypatch.setattr(train, "run", _no_training)
+    out = _unusable_out_dirs(tmp_path)[case]
+    argv = ["--impl", "nn", "--epochs", "1", "--data", str(text_path), "--out", str(out),
+            "--no-progress"]
+    _assert_refused(train.main, argv, "--out", str(out), capsys, "python -m gru_fused.train")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only directories")
+def test_cli_read_only_out_exits_2_before_the_run(tmp_path, text_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "run", _no_training)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        argv = ["--impl", "nn", "--data", str(text_path), "--out", str(locked / "runs"),
+                "--no-progress"]
+        _assert_refused(train.main, argv, "--out", "runs", capsys, "python -m gru_fused.train")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_cli_creates_out_before_the_run(tmp_path, text_path, monkeypatch):
+    out = tmp_path / "new" / "runs"
+    seen = []
+
+    def fake_run(*args, **kwargs):
+        seen.append(out.is_dir())
+        raise KeyboardInterrupt  # stop here: only the order matters
+
+    monkeypatch.setattr(train, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--impl", "nn", "--data", str(text_path), "--out", str(out),
+                    "--no-progress"])
+    assert seen == [True]
+
+
+def test_cli_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 500)", "(default: 32)", "(default: 35)", "(default: 1.0)",
+                    "(default: runs)", "(default: fused)"):
+        assert default in help_text
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_record_never_holds_nan(tmp_path):
+    path = tmp_path / "record.json"
+    train.write_json(path, {"perplexity": float("nan"), "speed": [1.5, float("inf")],
+                            "nested": {"x": -float("inf")}, "n": 3})
+    assert _strict_json(path.read_text()) == {"perplexity": None, "speed": [1.5, None],
+                                              "nested": {"x": None}, "n": 3}
+
+
+def test_cli_tiny_run_writes_strict_json(tmp_path, text_path, capsys):
+    out = tmp_path / "runs"
+    train.main(["--impl", "nn", "--epochs", "1", "--max-tokens", "2000", "--hidden", "16",
+                "--sample-every", "0", "--device", "cpu", "--data", str(text_path),
+                "--out", str(out), "--no-progress"])
+    [record_path] = out.glob("train-nn-*.json")
+    record = _strict_json(record_path.read_text())
+    assert record["config"]["epochs"] == 1 and record["config"]["max_tokens"] == 2000
+    assert len(record["history"]["perplexity"]) == 1
+    assert record["perplexity"] > 0
