@@ -245,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     env = tm_train.environment(device)
-    result: Dict = {"environment": env, "args": vars(args)}
+    result: Dict = {"environment": env, "args": vars(args), "gru_fused": tm_train.build_info(),
+                    "loadavg": {"start": tm_train.load_average()}}
 
     if args.part in ("all", "layer"):
         shape = "one-hot input I=28, H=256, B=32, T=35, float32"
@@ -263,8 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         except tm_data.DataError as e:
             raise SystemExit(f"error: {e}")
         result["train"] = {"config": config, "rows": rows}
+        result["data"] = tm_train.data_info(data_path)
         print(format_train_table(rows, config, env), end="\n\n", flush=True)
 
+    result["loadavg"]["end"] = tm_train.load_average()
     stem = tm_train.unique_stem(out, "bench")
     json_path = out / f"{stem}.json"
     tm_train.write_json(json_path, result)

@@ -15,9 +15,13 @@
 #pragma once
 
 #include <array>
+#include <cstdint>
+#include <optional>
 #include <tuple>
 
-#include <ATen/ATen.h>
+// The Tensor class and its methods only: each source includes the per-operator headers
+// (<ATen/ops/empty.h>, ...) of the functions it calls (see gru_driver.cpp).
+#include <ATen/core/Tensor.h>
 
 namespace gru_fused {
 

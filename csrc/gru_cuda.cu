@@ -1,66 +1,35 @@
-// CUDA backend: registers the fused kernels (gru_kernels.cuh) for CUDA tensors.
-// Launches go to the current stream under a device guard; nothing in the step loops
-// synchronises with the host or allocates, so forward + backward can be graph-captured.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// CUDA backend, device side: the kernels (gru_kernels.cuh) and their launch loops,
+// compiled by nvcc for every dtype that gru_device_loops.h dispatches to; the host code
+// that calls them, and the op registration, is gru_cuda_ops.cpp. This file includes
+// nothing from ATen or torch beyond the dtypes: nvcc parses a file's host includes once
+// per GPU architecture and once more for the host.
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#include <algorithm>
-
-#include "gru_device_loops.h"
+#include "gru_kernels.cuh"
 
 namespace gru_fused {
-namespace {
+namespace cuda {
 
-// The kernels' shared memory is fixed by their tiles: at most rows_smem_bytes<double>(3),
-// about 27 KB, within the 48 KB any CUDA GPU grants a block without opting in. Checked
-// against what the device reports (an attribute query: no sync, fine during capture).
-void check_shared_memory(c10::DeviceIndex device) {
-  constexpr size_t needed = std::max(cuda::rows_smem_bytes<double>(3), cuda::cols_smem_bytes<double>());
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlock, device));
-  TORCH_CHECK(needed <= static_cast<size_t>(limit), "gru_fused: the CUDA kernels need ", needed,
-              " bytes of shared memory per block; device ", int(device), " allows ", limit);
-}
+// scalar_t as AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16) names it, accumulating
+// in at::opmath_type<scalar_t> (float for half and bfloat16), both formulas.
+#define GRU_FUSED_INSTANTIATE(scalar_t)                                                        \
+  template void forward_steps<scalar_t, at::opmath_type<scalar_t>, true>(                      \
+      const ForwardParams<scalar_t>&, gru_stream_t);                                           \
+  template void forward_steps<scalar_t, at::opmath_type<scalar_t>, false>(                     \
+      const ForwardParams<scalar_t>&, gru_stream_t);                                           \
+  template void backward_steps<scalar_t, at::opmath_type<scalar_t>, true>(                     \
+      const BackwardParams<scalar_t, at::opmath_type<scalar_t>>&, gru_stream_t);               \
+  template void backward_steps<scalar_t, at::opmath_type<scalar_t>, false>(                    \
+      const BackwardParams<scalar_t, at::opmath_type<scalar_t>>&, gru_stream_t);
 
-void forward_loop_cuda(const ForwardLoopArgs& a) {
-  check_shared_memory(a.gi.device().index());
-  cuda::forward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.gi.device().index()));
-}
+GRU_FUSED_INSTANTIATE(double)
+GRU_FUSED_INSTANTIATE(float)
+GRU_FUSED_INSTANTIATE(c10::Half)
+GRU_FUSED_INSTANTIATE(c10::BFloat16)
 
-void backward_loop_cuda(const BackwardLoopArgs& a) {
-  check_shared_memory(a.dG.device().index());
-  cuda::backward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.dG.device().index()));
-}
+#undef GRU_FUSED_INSTANTIATE
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
-    bool reset_after, bool reverse) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return gru_forward_impl(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                          reset_after, reverse, &forward_loop_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-                  const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
-                  const at::Tensor& weight_hh, const at::Tensor& output,
-                  const at::Tensor& workspace, const std::optional<at::Tensor>& lengths,
-                 bool has_bias, bool reset_after, bool reverse,
-                  std::array<bool, 6> output_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  return gru_backward_impl(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output,
-                           workspace, lengths, has_bias, reset_after, reverse, output_mask,
-                           &backward_loop_cuda);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(gru_fused, CUDA, m) {
-  m.impl("gru_forward", &gru_forward_cuda);
-  m.impl("gru_backward", &gru_backward_cuda);
-}
-
+}  // namespace cuda
 }  // namespace gru_fused

@@ -1,13 +1,20 @@
 // The CUDA backend's step loops on ATen tensors: dtype dispatch, the kernels' parameter
-// structs, and the launches. Shared by gru_cuda.cu (nvcc, the GPU) and by the emulation
+// structs, and the launches. Shared by gru_cuda_ops.cpp (the GPU) and by the emulation
 // test extension (g++ with GRU_EMULATE_CUDA, the CPU), so the tests run this exact code.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
 #include "gru.h"
-#include "gru_kernels.cuh"
+#if defined(__CUDACC__) || defined(GRU_EMULATE_CUDA)
+#include "gru_kernels.cuh"  // the kernels and launch loops, compiled along
+#else
+// The host compiler, for the GPU: the launch loops are declared here and compiled by
+// nvcc, for every dtype dispatched below, in gru_cuda.cu.
+#include "gru_kernel_params.h"
+#endif
 
 namespace gru_fused {
 namespace cuda {

@@ -1,13 +1,36 @@
 // Argument checks and the GEMMs around the step loop, shared by every backend.
+
+// Per-operator ATen headers only: the Tensor class with its methods, plus the header of
+// each at:: function called here. Including <ATen/ATen.h> or <ATen/Functions.h> (every
+// operator, several seconds of parsing per file) is then a compile error.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#ifndef AT_PER_OPERATOR_HEADERS
+#define AT_PER_OPERATOR_HEADERS
+#endif
+
 #include "gru.h"
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <mutex>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include <ATen/OpMathType.h>
-#include <c10/util/irange.h>
+#include <ATen/TensorOperators.h>  // bias_ih + bias_hh, a < b
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/Storage.h>
+#include <c10/util/accumulate.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>

@@ -1,5 +1,6 @@
 // CUDA kernels of the fused GRU: one launch per step (two for reset_before), each doing
 // the recurrent matmul for a tile of hidden units and the gate math in the same kernel.
+// Their interface (parameter structs, tile sizes) is gru_kernel_params.h.
 //
 // The same source compiles with nvcc for the GPU and with g++ through the emulation
 // layer (GRU_EMULATE_CUDA, see cuda_compat.h) for the tests; it uses only what that
@@ -20,58 +21,13 @@
 #include <cstdint>
 
 #include "cuda_compat.h"
+#include "gru_kernel_params.h"
 #include "gru_math.h"
 
 namespace gru_fused {
 namespace cuda {
 
-constexpr int kTileJ = 32;  // hidden units per block: threadIdx.x
-constexpr int kTileB = 8;   // batch rows per block: threadIdx.y
-constexpr int kTileK = 32;  // reduction slice per shared-memory stage
-constexpr int kThreads = kTileJ * kTileB;
-static_assert(kTileK == kTileJ, "the A tile is loaded with threadIdx.x along k");
-
-// Pointers, strides and sizes of one forward call. All tensors contiguous.
-template <typename scalar_t>
-struct ForwardParams {
-  const scalar_t* gi;      // [T, B, 3H] x W_ih^T + folded biases
-  const scalar_t* hx;      // [B, H]
-  const scalar_t* w_hh;    // [3H, H]
-  const scalar_t* b_hn;    // [H], or nullptr (reset_before folds b_hn into gi)
-  const int64_t* lengths;  // [B], or nullptr when every sequence has T steps
-  scalar_t* output;        // [T, B, H]
-  scalar_t* workspace;     // [4, T, B, H] slots r, z, n, hn (gru_math.h)
-  int T, B, H;
-  bool reverse;
-};
-
-template <typename scalar_t, typename acc_t>
-struct BackwardParams {
-  const scalar_t* grad_output;  // [T, B, H]
-  const scalar_t* grad_h_n;     // [B, H]
-  const scalar_t* hx;           // [B, H]
-  const scalar_t* w_hh;         // [3H, H]
-  const scalar_t* output;       // [T, B, H]
-  const scalar_t* workspace;    // [4, T, B, H]
-  scalar_t* dG;                 // [T, B, 3H] dL/dgi
-  scalar_t* dGh;                // [T, B, 3H] dL/dgh; aliases dG when reset_before
-  acc_t* dh_direct;             // [B, H] dL/dh_prev minus the recurrent GEMM's share
-  scalar_t* grad_hx;            // [B, H]
-  int T, B, H;
-  bool reverse;
-};
-
 GRU_HD int step_of(int i, int T, bool reverse) { return reverse ? T - 1 - i : i; }
-
-template <typename acc_t>
-constexpr size_t rows_smem_bytes(int gates) {
-  return sizeof(acc_t) * (kTileB * kTileK + gates * kTileJ * (kTileK + 1));
-}
-
-template <typename acc_t>
-constexpr size_t cols_smem_bytes() {
-  return sizeof(acc_t) * (kTileB * kTileK + kTileK * kTileJ);
-}
 
 // acc[g] = sum_{k < K} A[b, k] W[g H + j, k]  for the thread's (b, j): the forward's
 // h W^T, W given by rows (W_hh's gate blocks, row stride K). Every thread of the block

@@ -1,5 +1,10 @@
 // The op schemas, declared once. Each backend only registers kernels for them
-// (gru_cpu.cpp for CPU, gru_cuda.cu for CUDA), so a CPU-only build still has every op.
+// (gru_cpu.cpp for CPU, gru_cuda_ops.cpp for CUDA), so a CPU-only build still has every op.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (gru_driver.cpp)
+#ifndef AT_PER_OPERATOR_HEADERS
+#define AT_PER_OPERATOR_HEADERS
+#endif
+
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

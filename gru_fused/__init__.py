@@ -15,4 +15,7 @@ from . import scratch
 
 __all__ = ["gru", "GRUFunction", "cuda_compiled", "cached_bytes", "empty_cache", "FusedGRU",
            "ops", "reference", "scratch"]
-__version__ = "0.1.0"
+try:  # written by setup.py at build time: pyproject's version and the git commit built
+    from ._version import __commit__, __version__
+except ImportError:  # a tree built before setup.py wrote it
+    __version__, __commit__ = "0.1.0", "unknown"

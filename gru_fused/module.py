@@ -168,7 +168,9 @@ class FusedGRU(nn.RNNBase):
     def _check_forward_args(self, x: Tensor, hx: Optional[Tensor], batch: int) -> None:
         """nn.GRU's checks, with its messages. x is [T, B, I] or packed data [N, I]."""
         weight = self.weight_ih_l0
-        if x.dtype != weight.dtype:
+        # Under torch.autocast the dtypes may differ, as in nn.GRU: ops.gru casts them.
+        autocast = torch._C._is_any_autocast_enabled()
+        if x.dtype != weight.dtype and not autocast:
             raise ValueError(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
                 f"Convert input: input.to({weight.dtype}), or convert model: "
@@ -195,7 +197,7 @@ class FusedGRU(nn.RNNBase):
                 f"at {x.device} and hidden tensor at {hx.device}")
         # nn.GRU fails here deep inside a matmul ("mat1 and mat2 must have the same
         # dtype"); say which tensor is wrong instead.
-        if hx.dtype != x.dtype:
+        if hx.dtype != x.dtype and not autocast:
             raise ValueError(
                 f"RNN hx dtype ({hx.dtype}) does not match input dtype ({x.dtype}). "
                 f"Convert hx: hx.to({x.dtype})")
@@ -212,6 +214,9 @@ class FusedGRU(nn.RNNBase):
         lists the real positions in T*B, used only to apply dropout as nn.GRU does.
         """
         num_directions = 2 if self.bidirectional else 1
+        # An exported eval-mode model is for inference: it captures the op that keeps no
+        # workspace for a backward.
+        inference = not self.training and torch.compiler.is_exporting()
         finals: List[Tensor] = []
         layer_input = x
         for layer in range(self.num_layers):
@@ -222,10 +227,10 @@ class FusedGRU(nn.RNNBase):
                 weight_ih, weight_hh = getattr(self, names[0]), getattr(self, names[1])
                 bias_ih = getattr(self, names[2]) if self.bias else None
                 bias_hh = getattr(self, names[3]) if self.bias else None
-                out, h = ops.gru(
+                out, h = ops._gru(
                     layer_input, None if hx is None else hx[k], weight_ih, weight_hh,
                     bias_ih, bias_hh, reset_after=self.reset_after,
-                    reverse=direction == 1, lengths=lengths)
+                    reverse=direction == 1, lengths=lengths, inference=inference)
                 outputs.append(out)  # [T, B, H]
                 finals.append(h)  # [B, H]
             layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
@@ -247,3 +252,35 @@ class FusedGRU(nn.RNNBase):
         kept = F.dropout(y.reshape(T * B, C).index_select(0, rows), self.dropout,
                          training=True)
         return y.new_zeros(T * B, C).index_copy(0, rows, kept).view(T, B, C)
+
+
+class QuantizedDynamicFusedGRU(torch.ao.nn.quantized.dynamic.GRU):
+    """What ``torch.ao.quantization.quantize_dynamic`` turns a FusedGRU into: PyTorch's
+    dynamically quantized GRU (int8 or float16 weights), built from an ``nn.GRU`` with the
+    FusedGRU's weights. Registered in PyTorch's default dynamic-quantization mapping when
+    gru_fused is imported, so ``quantize_dynamic(model, {FusedGRU}, dtype=torch.qint8)``
+    (naming FusedGRU, as one names nn.GRU) quantizes it; like nn.GRU, it is left in float
+    unless named or given a qconfig. Only nn.GRU's formula has a quantized kernel:
+    ``reset_after=False`` raises.
+    """
+
+    @classmethod
+    def from_float(cls, mod, use_precomputed_fake_quant=False):
+        if not isinstance(mod, FusedGRU):
+            raise TypeError(f"QuantizedDynamicFusedGRU.from_float takes a FusedGRU, got "
+                            f"{type(mod).__name__}")
+        if not mod.reset_after:
+            raise RuntimeError(
+                "quantize_dynamic: a FusedGRU with reset_after=False cannot be quantized: "
+                "PyTorch's dynamically quantized GRU computes nn.GRU's formula "
+                "(reset_after=True) only. Leave this module out of the qconfig_spec.")
+        gru = nn.GRU(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias,
+                     mod.batch_first, mod.dropout, mod.bidirectional)
+        gru.load_state_dict({k: v.detach().float().cpu() for k, v in mod.state_dict().items()})
+        gru.qconfig = getattr(mod, "qconfig", None)
+        return torch.ao.nn.quantized.dynamic.GRU.from_float(
+            gru, use_precomputed_fake_quant=use_precomputed_fake_quant)
+
+
+torch.ao.quantization.quantization_mappings.DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS[FusedGRU] = (
+    QuantizedDynamicFusedGRU)

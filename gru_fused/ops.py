@@ -4,9 +4,10 @@ The ops themselves are declared once in csrc/ops.cpp (TORCH_LIBRARY(gru_fused, .
 CPU and CUDA kernels are registrations of those schemas. Here they get
 
 - fake kernels, so torch.compile / opcheck can trace them without running them;
-- autograd: the backward of ``gru_forward`` calls the ``gru_backward`` op;
+- autograd: ``GRUFunction`` (backward through the ``gru_backward`` op, forward-mode AD,
+  a vmap rule); the op's own registered autograd uses the same backward;
 - ``gru()``: the documented, differentiable entry point used by FusedGRU and scratch; when
-  no gradient can be taken it calls ``gru_inference``, which skips the saved workspace.
+  no derivative can be taken it calls ``gru_inference``, which skips the saved workspace.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def _backward(ctx, grad_output, grad_h_n, _grad_workspace):
             ctx.has_bias and needs[4], ctx.has_bias and needs[5]]
     grads = _GRUBackward.apply(
         grad_output, grad_h_n, input, hx, weight_ih, weight_hh, out, workspace, ctx.lengths,
-        ctx.has_bias, ctx.reset_after, ctx.reverse, mask)
+        ctx.has_bias, ctx.reset_after, ctx.reverse, *mask)
     grads = [g if m else None for g, m in zip(grads, mask)]
     return (*grads, None, None, None)
 
@@ -151,8 +152,10 @@ class _GRUBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):
+        # The mask comes as 6 flags, not a list: functorch's generated vmap rule cannot
+        # flatten a list argument in forward-over-reverse.
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.gru_fused.gru_backward(*args)
+            return torch.ops.gru_fused.gru_backward(*args[:12], list(args[12:]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -162,8 +165,12 @@ class _GRUBackward(torch.autograd.Function):
     def backward(ctx, *grads):
         _no_double_backward(ctx, *grads)
 
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward-over-reverse (torch.func.hessian, jacfwd of grad)
+        _no_double_backward(ctx, *tangents)
 
-def _tangent(inputs, tangents, output, h_n, workspace, reset_after, reverse, lengths):
+
+def _tangent(inputs, tangents, output, workspace, reset_after, reverse, lengths):
     """The Jacobian-vector product of one layer: the tangents of (output, h_n).
 
     The tangent of the state is a linear recurrence driven by the saved gates:
@@ -185,9 +192,6 @@ def _tangent(inputs, tangents, output, h_n, workspace, reset_after, reverse, len
         h_prev = torch.cat([output[1:], hx.unsqueeze(0)], 0)
     else:
         h_prev = torch.cat([hx.unsqueeze(0), output[:-1]], 0)
-
-    def add(a, b):
-        return b if a is None else (a if b is None else a + b)
 
     zero = x.new_zeros((T, B, 3 * H))
     # d(x W_ih^T + b_ih)
@@ -248,11 +252,10 @@ class GRUFunction(torch.autograd.Function):
     - jvp: forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``), the
       tangent recurrence of ``_tangent`` on the saved gates;
     - second derivatives raise a RuntimeError (``gru_backward`` has no derivative).
-    - vmap: the rule is generated from forward, backward and jvp, which vmap the ops
-      (PyTorch's per-sample fallback for custom ops).
+    - vmap: over inputs, states and lengths (the weights shared) the vmapped dimension
+      joins the batch: one call of the op for all samples. Over weights, one call per
+      sample.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reset_after,
@@ -274,11 +277,42 @@ class GRUFunction(torch.autograd.Function):
         return _backward(ctx, grad_output, grad_h_n, grad_workspace)
 
     @staticmethod
+    def vmap(info, in_dims, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+             reset_after, reverse):
+        n = info.batch_size
+        dims = list(in_dims[:7])
+        tensors = [input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths]
+        if all(d is None for d in dims[2:6]):
+            # The samples' sequences side by side in one batch: input [T, N*B, I].
+            x = input.movedim(dims[0], 1) if dims[0] is not None else input.unsqueeze(1).expand(
+                input.shape[0], n, *input.shape[1:])
+            T, _, B = x.shape[:3]
+            x = x.reshape(T, n * B, x.shape[3])
+            h = hx.movedim(dims[1], 0) if dims[1] is not None else hx.expand(n, *hx.shape)
+            h = h.reshape(n * B, h.shape[-1])
+            lens = lengths
+            if lengths is not None:
+                lens = (lengths.movedim(dims[6], 0) if dims[6] is not None
+                        else lengths.expand(n, B)).reshape(n * B)
+            output, h_n, workspace = GRUFunction.apply(
+                x, h, weight_ih, weight_hh, bias_ih, bias_hh, lens, reset_after, reverse)
+            H = h_n.shape[-1]
+            return ((output.view(T, n, B, H), h_n.view(n, B, H),
+                     workspace.view(workspace.shape[0], T, n, B, H)), (1, 0, 2))
+        # Batched weights: one call per sample.
+        results = []
+        for i in range(n):
+            sample = [t if d is None or t is None else t.select(d, i)
+                      for t, d in zip(tensors, dims)]
+            results.append(GRUFunction.apply(*sample, reset_after, reverse))
+        return tuple(torch.stack(r) for r in zip(*results)), (0, 0, 0)
+
+    @staticmethod
     def jvp(ctx, t_input, t_hx, t_weight_ih, t_weight_hh, t_bias_ih, t_bias_hh, *_):
-        x, hx, w_ih, w_hh, b_ih, b_hh, out, h_n, workspace = ctx.saved_tensors
+        x, hx, w_ih, w_hh, b_ih, b_hh, out, _, workspace = ctx.saved_tensors
         t_out, t_hn = _tangent((x, hx, w_ih, w_hh, b_ih, b_hh),
                                (t_input, t_hx, t_weight_ih, t_weight_hh, t_bias_ih, t_bias_hh),
-                               out, h_n, workspace, ctx.reset_after, ctx.reverse, ctx.lengths)
+                               out, workspace, ctx.reset_after, ctx.reverse, ctx.lengths)
         return t_out, t_hn, None
 
 
@@ -321,20 +355,63 @@ def gru(
     Returns:
         (output [T, B, H], h_n [B, H]); h_n is a fresh tensor, never a view of output.
     """
+    return _gru(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, reverse,
+                lengths)
+
+
+def _autocast_dtype(input: Tensor, hx: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The dtype nn.GRU would compute in under torch.autocast on input's device, or None
+    when autocast is off there.
+
+    CUDA: cuDNN's autocast rule (ATen's AutocastRNN.cpp) casts input, hx and the weights to
+    the autocast dtype. CPU: nn.GRU has no autocast rule of its own; its ops promote, so it
+    computes in the input's dtype promoted with hx's (a bfloat16 input into a float32
+    module gives bfloat16; a float32 input stays float32).
+    """
+    device = input.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    if device == "cuda":
+        return torch.get_autocast_dtype("cuda")
+    return input.dtype if hx is None else torch.promote_types(input.dtype, hx.dtype)
+
+
+def _gru(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, reset_after, reverse, lengths,
+         inference: bool = False):
+    """gru() with one more switch: inference=True takes the inference op even where a
+    gradient could be taken (an exported eval-mode FusedGRU)."""
+    # torch.onnx.export(..., dynamo=True) traces with fake tensors: the layer becomes one
+    # ONNX GRU node. The flags are process-wide, so the fake input tells the export's own
+    # trace from a FusedGRU running eagerly in another thread meanwhile.
+    if (torch.onnx.is_in_onnx_export() and torch.compiler.is_exporting()
+            and isinstance(input, torch._subclasses.fake_tensor.FakeTensor)):
+        from . import _onnx
+        return _onnx.gru(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                         reset_after=reset_after, reverse=reverse, lengths=lengths)
+    dtype = _autocast_dtype(input, hx)
+    if dtype is not None:
+        def cast(t):
+            return t if t is None or t.dtype == dtype else t.to(dtype)
+
+        with torch.autocast(input.device.type, enabled=False):
+            return _gru(cast(input), cast(hx), cast(weight_ih), cast(weight_hh),
+                        cast(bias_ih), cast(bias_hh), reset_after, reverse, lengths, inference)
     if hx is None:
         hx = input.new_zeros((input.shape[1] if input.dim() == 3 else 0, weight_hh.shape[-1]))
     args = (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reset_after, reverse)
     tensors = args[:6]
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function with a custom jvp: the op and its
-        # registered autograd (the same _backward) go into the graph instead.
-        grad = any(t is not None and t.requires_grad for t in tensors)
-        if not (torch.is_grad_enabled() and grad):
+    grad = (not inference and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors))
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # The op with its registered autograd (the same _backward): Dynamo cannot trace an
+        # autograd.Function with a custom jvp, and a jit trace records ops, not Python
+        # functions. A trace takes gru_forward whether or not grad is on, so that
+        # torch.jit.trace's check (a second trace, under no_grad) finds the same graph.
+        if not grad and not torch.jit.is_tracing():
             return torch.ops.gru_fused.gru_inference(*args)
         output, h_n, _ = torch.ops.gru_fused.gru_forward(*args)
         return output, h_n
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-            or _forward_ad_active()):
+    if not (grad or _forward_ad_active()):
         # No derivative will be taken: skip the workspace the backward would need.
         return torch.ops.gru_fused.gru_inference(*args)
     output, h_n, _ = GRUFunction.apply(*args)

@@ -44,6 +44,22 @@ PREFIXES = ("time traveller", "traveller")
 NUM_PREDS = 50
 
 
+def _train_extra(module: str):
+    """Imports module, one of the `train` extra's packages (tqdm, matplotlib): the kernel
+    library does not need them, so they are imported only where used, and their absence
+    says how to get them."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"gru_fused.train needs {module.split('.')[0]}, which is not installed: it comes "
+            f"with gru_fused's `train` extra, pip install \"gru_fused[train]\" (or, in a "
+            f"checkout, pip install --no-build-isolation -e \".[train]\"), or pip install "
+            f"tqdm matplotlib") from e
+
+
 # --- The book's models ----------------------------------------------------------------
 
 class RNNModelScratch:
@@ -218,7 +234,7 @@ def train(net, train_iter, vocab, lr: float, num_epochs: int, device,
     The returned dict has perplexity and tokens_per_sec per epoch, the total tokens and
     seconds of the epoch loops, and the book's two generated strings.
     """
-    from tqdm.auto import tqdm
+    tqdm = _train_extra("tqdm.auto").tqdm
 
     loss = nn.CrossEntropyLoss()
     if isinstance(net, nn.Module):
@@ -287,6 +303,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_info() -> Dict:
+    """The gru_fused that ran: its version and the git commit it was built from
+    (gru_fused.__commit__, "-dirty" when built from a modified checkout)."""
+    from . import __commit__, __version__
+
+    return {"version": __version__, "commit": __commit__}
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): a busy machine
+    slows every timing, so records keep it from the start and the end of a run."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def data_info(data_path=None) -> Dict:
+    """The text a run read: its path and SHA-1 (data.SHA1 once verified)."""
+    path = tm_data.time_machine_path(data_path, allow_download=False)
+    return {"path": str(path.resolve()), "sha1": tm_data.sha1_of(path.read_bytes())}
+
+
 def format_environment(env: Dict) -> str:
     return (f"torch {env['torch']}, CUDA {env['cuda'] or 'none'} "
             f"(available: {env['cuda_available']}), device {env['device']} "
@@ -298,6 +337,7 @@ def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 
         data_path=None, max_tokens: int = 10000, use_random_iter: bool = False,
         progress: bool = True, sample_every: int = 0) -> Dict:
     """Train one implementation with the book's recipe; returns the run's record."""
+    load_start = load_average()
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     random.seed(seed)  # the iterators' offsets and shuffles
     train_iter, vocab = tm_data.load_data_time_machine(batch_size, num_steps, use_random_iter,
@@ -307,6 +347,9 @@ def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 
                     progress=progress, sample_every=sample_every, desc=impl)
     return {
         "impl": impl,
+        "gru_fused": build_info(),
+        "data": data_info(data_path),
+        "loadavg": {"start": load_start, "end": load_average()},
         "config": {"epochs": epochs, "num_hiddens": num_hiddens, "batch_size": batch_size,
                    "num_steps": num_steps, "lr": lr, "seed": seed, "max_tokens": max_tokens,
                    "use_random_iter": use_random_iter, "vocab_size": len(vocab)},
@@ -325,9 +368,10 @@ def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 
 
 def plot_perplexity(curves: Dict[str, Sequence[float]], path: Path, title: str) -> Path:
     """Perplexity per epoch, one line per curve, like the book's figure."""
-    import matplotlib
+    matplotlib = _train_extra("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _train_extra("matplotlib.pyplot")
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     # Curves of the same formula from the same seed coincide: vary style and width so
@@ -337,6 +381,7 @@ def plot_perplexity(curves: Dict[str, Sequence[float]], path: Path, title: str) 
         ax.plot(range(1, len(ppl) + 1), ppl, label=label, linestyle=styles[i % len(styles)],
                 linewidth=max(3.0 - 0.6 * i, 1.0))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5
     ax.set_ylabel("perplexity")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

@@ -363,19 +363,3 @@ def test_empty_cache_releases_what_is_kept():
     assert gru_fused.empty_cache() == kept
     assert gru_fused.cached_bytes() == 0
 
-
-def test_vmap_over_inputs_still_works():
-    """GRUFunction carries a generated vmap rule: vmap of FusedGRU, and of its gradient,
-    equals the per-sample loop."""
-    torch.manual_seed(0)
-    m = gru_fused.FusedGRU(3, 4, dtype=torch.float64)
-    x = torch.randn(3, 5, 2, 3, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="batching rule"):
-        out = torch.func.vmap(lambda xi: m(xi)[0])(x)
-    torch.testing.assert_close(out, torch.stack([m(xi)[0] for xi in x]))
-
-    def loss(xi):
-        return m(xi)[0].pow(2).sum()
-
-    grads = torch.func.vmap(torch.func.grad(loss))(x)
-    torch.testing.assert_close(grads, torch.stack([torch.func.grad(loss)(xi) for xi in x]))
