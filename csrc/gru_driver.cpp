@@ -70,26 +70,35 @@ void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name
 
 // lengths [B] as the step loops read it: int64, on the CPU, values in [0, T], and
 // contiguous (a strided or expanded tensor is copied: the loops index it as b).
-at::Tensor checked_lengths(const at::Tensor& len, int64_t T, int64_t B) {
+struct CheckedLengths {
+  at::Tensor values;    // [B] int64, contiguous, CPU; undefined without lengths
+  bool padded = false;  // some sequence is shorter than T
+};
+
+CheckedLengths checked_lengths(const std::optional<at::Tensor>& lengths, int64_t T,
+                               int64_t B) {
+  if (!lengths.has_value()) return {};
+  const at::Tensor& len = *lengths;
   TORCH_CHECK(len.scalar_type() == at::kLong && len.dim() == 1 && len.size(0) == B,
               "gru_fused: lengths must be a 1-D int64 tensor of size B = ", B, ", got ",
               len.scalar_type(), " of shape ", shape_str(len));
   TORCH_CHECK(len.device().is_cpu(), "gru_fused: lengths must be a CPU tensor (as "
               "torch.nn.utils.rnn requires), got one on ", len.device());
+  int64_t lo = T;
   if (B > 0) {
-    const auto lo = len.min().item<int64_t>(), hi = len.max().item<int64_t>();
+    lo = len.min().item<int64_t>();
+    const int64_t hi = len.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi <= T, "gru_fused: lengths must lie in [0, T] = [0, ", T,
                 "], got values in [", lo, ", ", hi, "]");
   }
-  return len.contiguous();
+  return {len.contiguous(), lo < T};
 }
 
 // Checks the forward's arguments; returns H.
 int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
                            const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                            const std::optional<at::Tensor>& bias_ih,
-                           const std::optional<at::Tensor>& bias_hh,
-                           const std::optional<at::Tensor>& lengths) {
+                           const std::optional<at::Tensor>& bias_hh) {
   check_floating(input, "input");
   TORCH_CHECK(input.dim() == 3, "gru_fused: input must be a 3-D tensor [T, B, I], got a ",
               input.dim(), "-D tensor of shape ", shape_str(input));
@@ -114,7 +123,6 @@ int64_t check_forward_args(const at::Tensor& input, const at::Tensor& hx,
     check_like(*bias_ih, input, "bias_ih");
     check_like(*bias_hh, input, "bias_hh");
   }
-  if (lengths.has_value()) checked_lengths(*lengths, T, B);
   return H;
 }
 
@@ -383,9 +391,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     bool keep_workspace) {
   // Kernels sit below autograd: the GEMMs here must not record a graph of their own.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                       lengths);
+  const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const CheckedLengths len = checked_lengths(lengths, T, B);
 
   ForwardLoopArgs a;
   a.reset_after = reset_after;
@@ -421,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     }
     a.gi_rows = cols.view({T, B});
   }
-  if (lengths.has_value()) a.lengths = checked_lengths(*lengths, T, B).to(input.device());
+  if (len.values.defined()) a.lengths = len.values.to(input.device());
   a.output = empty_to_fill({T, B, H}, input.options());
   a.workspace = WorkspacePool::instance().empty({kNumSlots, keep_workspace ? T : 1, B, H},
                                                 input.options());
@@ -462,8 +470,9 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                   const BackendExtras& extras) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t H = check_forward_args(input, hx, weight_ih, weight_hh, std::nullopt,
-                                       std::nullopt, lengths);
+                                       std::nullopt);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const CheckedLengths len = checked_lengths(lengths, T, B);
   check_shape(grad_output, {T, B, H}, "grad_output", "[T, B, H]");
   check_shape(grad_h_n, {B, H}, "grad_h_n", "[B, H]");
   check_shape(output, {T, B, H}, "output", "[T, B, H] (the forward's output)");
@@ -500,12 +509,9 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // !reset_after (the forward computed r from that padding). Those products see the
   // padding as zeros instead: [T, B, 1], true where the step is active.
   at::Tensor active;
-  if (lengths.has_value() && B > 0) {
-    const at::Tensor len = checked_lengths(*lengths, T, B);
-    if (len.min().item<int64_t>() < T) {
-      active = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0))
-                   .unsqueeze(2).to(input.device());
-    }
+  if (len.padded) {
+    active = (at::arange(T, len.values.options()).unsqueeze(1) < len.values.unsqueeze(0))
+                 .unsqueeze(2).to(input.device());
   }
   const auto unpadded = [&](const at::Tensor& t) {  // t [T, B, .]
     return active.defined() ? at::where(active, t, at::zeros({}, t.options())) : t;

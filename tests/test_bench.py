@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from test_train import COMMON_BAD_ARGS
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,24 +103,9 @@ def no_benchmarking(bench, monkeypatch):
     monkeypatch.setattr(bench.tm_train, "run", refuse)
 
 
-# (extra arguments, the argument the message must name, other text it must contain)
-BAD_BENCH_ARGS = [
-    (["--epochs", "-1"], "--epochs", ">= 1"),
-    (["--epochs", "0"], "--epochs", ">= 1"),
-    (["--batch-size", "0"], "--batch-size", ">= 1"),
-    (["--batch-size", "-3"], "--batch-size", ">= 1"),
-    # 10000 tokens, 35 steps, sequential: (B + 1) * 35 + 1 <= 10000 up to B = 284.
-    (["--batch-size", "20000"], "--batch-size", "<= 284"),
-    (["--num-steps", "0"], "--num-steps", ">= 1"),
-    (["--num-steps", "20000"], "--num-steps", "<= 303"),
-    (["--max-tokens", "5"], "--max-tokens", "at least 1156 tokens"),
-    (["--hidden", "0"], "--hidden", ">= 1"),
-    (["--lr", "0"], "--lr", "> 0"),
-    (["--lr", "nan"], "--lr", "> 0"),
-    (["--threads", "0"], "--threads", ">= 1"),
+BAD_BENCH_ARGS = COMMON_BAD_ARGS + [
     (["--min-run-time", "0"], "--min-run-time", "> 0"),
     (["--min-run-time", "-1"], "--min-run-time", "> 0"),
-    (["--device", "nonsense"], "--device", "nonsense"),
 ]
 
 

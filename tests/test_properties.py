@@ -492,6 +492,14 @@ def _fill_padding(case: OpCase, x: torch.Tensor, fill: str, gen) -> torch.Tensor
     return torch.where(_padded_mask(case), junk, x)
 
 
+def _assert_finite_despite_padding(case: OpCase, got: Dict[str, torch.Tensor], call: str):
+    if case.pad_fill in ("nan", "inf", "mixed"):
+        for k, v in got.items():
+            assert torch.isfinite(v).all(), (
+                f"{call}: {k} is not finite with non-finite values at padded positions "
+                f"of x: {v.flatten().tolist()}")
+
+
 def _check_op(case: OpCase) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     vals = _op_values(case, gen)
@@ -533,11 +541,7 @@ def _check_op(case: OpCase) -> None:
         with torch.no_grad():
             got = _op_run(fused, fused_args, with_grad=False)
         assert_unchanged(checked, snaps, f"by gru_fused.gru ({call})")
-        if case.pad_fill in ("nan", "inf", "mixed"):
-            for k, v in got.items():
-                assert torch.isfinite(v).all(), (
-                    f"{call}: {k} is not finite with non-finite values at padded positions "
-                    f"of x: {v.flatten().tolist()}")
+        _assert_finite_despite_padding(case, got, call)
         assert_close_all(got, want, f"gru_fused.gru vs reference ({call})")
         runs.append(got)
     assert_bitwise_equal(*runs, "gru_fused.gru under no_grad")
@@ -547,11 +551,7 @@ def _check_op(case: OpCase) -> None:
     for call in ("grad call 1", "grad call 2"):
         got = _op_run(fused, fused_args, with_grad)
         assert_unchanged(checked, snaps, f"by gru_fused.gru forward+backward ({call})")
-        if case.pad_fill in ("nan", "inf", "mixed"):
-            for k, v in got.items():
-                assert torch.isfinite(v).all(), (
-                    f"{call}: {k} is not finite with non-finite values at padded positions "
-                    f"of x: {v.flatten().tolist()}")
+        _assert_finite_despite_padding(case, got, call)
         if "grad x" in got:
             padded_grad = got["grad x"].masked_select(mask.expand_as(got["grad x"]))
             assert torch.equal(padded_grad, torch.zeros_like(padded_grad)), (

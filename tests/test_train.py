@@ -139,8 +139,9 @@ def _no_training(*args, **kwargs):
     raise AssertionError("training started despite a bad argument")
 
 
-# (extra arguments, the argument the message must name, other text it must contain)
-BAD_TRAIN_ARGS = [
+# (extra arguments, the argument the message must name, other text it must contain):
+# the arguments train.py and benchmarks/bench.py share (test_bench.py uses these too).
+COMMON_BAD_ARGS = [
     (["--epochs", "-1"], "--epochs", ">= 1"),
     (["--epochs", "0"], "--epochs", ">= 1"),
     (["--batch-size", "0"], "--batch-size", ">= 1"),
@@ -151,17 +152,20 @@ BAD_TRAIN_ARGS = [
     # 10000 tokens, batch 32: 33 * T + 1 <= 10000 holds up to T = 303.
     (["--num-steps", "20000"], "--num-steps", "<= 303"),
     (["--max-tokens", "5"], "--max-tokens", "at least 1156 tokens"),
+    (["--hidden", "0"], "--hidden", ">= 1"),
+    (["--lr", "0"], "--lr", "> 0"),
+    (["--lr", "nan"], "--lr", "> 0"),
+    (["--threads", "0"], "--threads", ">= 1"),
+    (["--device", "nonsense"], "--device", "nonsense"),
+]
+
+BAD_TRAIN_ARGS = COMMON_BAD_ARGS + [
     # Random minibatches need (B + 1) * T tokens: 100 // 20 - 1 = 4.
     (["--random-iter", "--max-tokens", "100", "--num-steps", "20", "--batch-size", "5"],
      "--batch-size", "<= 4"),
-    (["--hidden", "0"], "--hidden", ">= 1"),
-    (["--lr", "0"], "--lr", "> 0"),
     (["--lr", "-0.5"], "--lr", "> 0"),
-    (["--lr", "nan"], "--lr", "> 0"),
     (["--lr", "inf"], "--lr", "> 0"),
-    (["--threads", "0"], "--threads", ">= 1"),
     (["--sample-every", "-1"], "--sample-every", ">= 0"),
-    (["--device", "nonsense"], "--device", "nonsense"),
 ]
 
 
