@@ -1,8 +1,9 @@
 """Where gru_fused's speed stands, on the book's task and on the book's layer shapes.
 
-    python benchmarks/bench.py                 # default device, a few minutes on a 2-core CPU
+    python benchmarks/bench.py                 # default device, minutes on a 2-core CPU
     python benchmarks/bench.py --epochs 500    # the book's full run
     python benchmarks/bench.py --smoke         # seconds; what the tests run
+    python benchmarks/bench.py --part train --impls nn fused --modes book compile
 
 Two tables, each printed with the environment it was measured in:
 
@@ -10,17 +11,22 @@ Two tables, each printed with the environment it was measured in:
    (one-hot input of 28, H=256, B=32, T=35, float32): torch.nn.GRU, the pure-PyTorch
    reference (gru_fused.reference.gru_layer) and FusedGRU (both formulas), timed with
    torch.utils.benchmark; tokens/sec = T * B / median time, ratio against nn.GRU.
-2. Time machine (issue 5): the four implementations of gru_fused.train trained with the
-   book's recipe (H=256, B=32, T=35, lr 1, sequential minibatches, 10000 tokens):
-   perplexity reached, training tokens/sec measured as the book does (tokens over the
-   wall time of the epoch loops), the network's forward+backward tokens/sec alone, and
-   speed-ups against the book's scratch GRU and against nn.GRU.
+2. Time machine (issues 5, 14): the four implementations of gru_fused.train trained with
+   the book's recipe (H=256, B=32, T=35, lr 1, sequential minibatches, 10000 tokens) in
+   each training mode (--modes: the book's loop; the sync-free step eagerly, under
+   torch.compile, as a CUDA graph), an implementation's modes trained side by side,
+   alternating epoch by epoch: perplexity reached, training tokens/sec measured as the
+   book does (tokens over the wall time of the epoch loops; compiling and capturing are
+   done before them and reported apart), and speed-ups against the book's loop with the
+   scratch GRU and with nn.GRU, measured in the same run; then the network's
+   forward+backward tokens/sec alone, per implementation.
 
 Results also go to OUT/bench-<time>.json, with a PNG of the perplexity curves.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -138,53 +144,102 @@ def net_fwd_bwd(impl: str, vocab_size: int, num_hiddens: int, X: torch.Tensor, d
     return X.numel() / m.median
 
 
-def train_benchmark(impls: Sequence[str], epochs: int, num_hiddens: int, batch_size: int,
-                    num_steps: int, lr: float, device, seed: int, data_path,
-                    max_tokens: int, min_run_time: float, progress: bool) -> List[Dict]:
+def train_benchmark(impls: Sequence[str], modes: Sequence[str], epochs: int,
+                    num_hiddens: int, batch_size: int, num_steps: int, lr: float, device,
+                    seed: int, data_path, max_tokens: int, min_run_time: float,
+                    progress: bool) -> Dict[str, List[Dict]]:
+    """{"rows": one per implementation and mode, "network": one per implementation}.
+
+    Each row is a gru_fused.train.Training from the same seed: tokens/sec over its timed
+    epoch loops (compiling and capturing happen before them: setup_seconds), and its
+    ratios to the book's loop ("book" mode) with the scratch GRU and with nn.GRU, where
+    those were run. An implementation's modes are trained side by side, alternating epoch
+    by epoch, so that other work on the machine slows each alike; each run keeps its own
+    Python random state (the iterators draw their offsets from it), so it sees the
+    minibatches it would see alone. The network rows time one minibatch's
+    forward+backward alone."""
+    tqdm = tm_train._train_extra("tqdm.auto").tqdm
     rows = []
     for impl in impls:
-        record = tm_train.run(impl, epochs, num_hiddens, batch_size, num_steps, lr, device,
-                              seed, data_path, max_tokens, progress=progress)
-        train_iter, vocab = tm_data.load_data_time_machine(batch_size, num_steps, False,
-                                                           max_tokens, data_path)
-        X, _ = next(iter(train_iter))
-        layer_tps = net_fwd_bwd(impl, len(vocab), num_hiddens, X, device, min_run_time, seed)
-        rows.append({"impl": impl, "perplexity": record["perplexity"],
-                     "train_tokens_per_sec": record["tokens_per_sec_mean"],
-                     "train_tokens_per_sec_last_epoch": record["tokens_per_sec"],
-                     "layer_fwd_bwd_tokens_per_sec": layer_tps,
-                     "history": record["history"], "predictions": record["predictions"]})
-    by_impl = {r["impl"]: r for r in rows}
+        runs = []
+        for mode in modes:
+            random.seed(seed)
+            train_iter, vocab = tm_data.load_data_time_machine(batch_size, num_steps, False,
+                                                               max_tokens, data_path)
+            net = tm_train.make_net(impl, len(vocab), num_hiddens, device, seed)
+            training = tm_train.Training(net, train_iter, lr, device, mode=mode)
+            runs.append({"mode": mode, "training": training, "net": net,
+                         "random_state": random.getstate()})
+        for _ in tqdm(range(epochs), desc=impl, disable=not progress, file=sys.stderr):
+            for run in runs:
+                random.setstate(run["random_state"])
+                run["training"].epoch()
+                run["random_state"] = random.getstate()
+        for run in runs:
+            h = run["training"].history
+            rows.append({"impl": impl, "mode": run["mode"], "mode_run": h["mode"],
+                         "setup_seconds": h["setup_seconds"],
+                         "perplexity": h["perplexity"][-1],
+                         "train_tokens_per_sec": h["tokens"] / h["seconds"],
+                         "train_tokens_per_sec_last_epoch": h["tokens_per_sec"][-1],
+                         # Other work on the machine only ever slows an epoch down.
+                         "train_tokens_per_sec_best_epoch": max(h["tokens_per_sec"]),
+                         "history": {"perplexity": h["perplexity"],
+                                     "tokens_per_sec": h["tokens_per_sec"]},
+                         "predictions": tm_train.predictions(run["net"], vocab, device)})
+    train_iter, vocab = tm_data.load_data_time_machine(batch_size, num_steps, False,
+                                                       max_tokens, data_path)
+    X, _ = next(iter(train_iter))
+    network = [{"impl": impl, "fwd_bwd_tokens_per_sec": net_fwd_bwd(
+        impl, len(vocab), num_hiddens, X, device, min_run_time, seed)} for impl in impls]
+    _add_ratios(rows, "train_tokens_per_sec", {
+        base: r for r in rows for base in ("scratch", "nn")
+        if r["impl"] == base and r["mode"] == "book"})
+    _add_ratios(network, "fwd_bwd_tokens_per_sec", {r["impl"]: r for r in network})
+    return {"rows": rows, "network": network}
+
+
+def _add_ratios(rows: List[Dict], key: str, bases: Dict[str, Dict]) -> None:
+    """row["vs_scratch"], row["vs_nn"]: row[key] over the base row's, where it was run."""
     for row in rows:
-        for base in ("scratch", "nn"):
-            if base in by_impl:
-                b = by_impl[base]
-                row[f"train_vs_{base}"] = row["train_tokens_per_sec"] / b["train_tokens_per_sec"]
-                row[f"layer_vs_{base}"] = (row["layer_fwd_bwd_tokens_per_sec"]
-                                           / b["layer_fwd_bwd_tokens_per_sec"])
-    return rows
+        for name in ("scratch", "nn"):
+            if name in bases:
+                row[f"vs_{name}"] = row[key] / bases[name][key]
 
 
-def format_train_table(rows: List[Dict], config: str, env: Dict) -> str:
-    def ratio(row, key):
-        return f"{row[key]:.2f}x" if key in row else "-"
+def _ratio(row: Dict, name: str) -> str:
+    return f"{row[f'vs_{name}']:.2f}x" if f"vs_{name}" in row else "-"
 
+
+def format_train_table(result: Dict[str, List[Dict]], config: str, env: Dict) -> str:
     lines = [f"## Time machine: {config}",
              f"environment: {tm_train.format_environment(env)}",
              "",
-             "| implementation | perplexity | train tok/s | vs scratch | vs nn.GRU "
-             "| layer fwd+bwd tok/s | vs scratch | vs nn.GRU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+             "| implementation | mode | perplexity | train tok/s | vs scratch book "
+             "| vs nn.GRU book | best epoch tok/s | setup s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        mode = r["mode"] if r["mode_run"] == r["mode"] else f"{r['mode']} (ran {r['mode_run']})"
         lines.append(
-            f"| {IMPL_LABELS[r['impl']]} | {r['perplexity']:.2f} | "
-            f"{r['train_tokens_per_sec']:,.0f} | {ratio(r, 'train_vs_scratch')} | "
-            f"{ratio(r, 'train_vs_nn')} | {r['layer_fwd_bwd_tokens_per_sec']:,.0f} | "
-            f"{ratio(r, 'layer_vs_scratch')} | {ratio(r, 'layer_vs_nn')} |")
+            f"| {IMPL_LABELS[r['impl']]} | {mode} | {r['perplexity']:.2f} | "
+            f"{r['train_tokens_per_sec']:,.0f} | {_ratio(r, 'scratch')} | {_ratio(r, 'nn')} | "
+            f"{r['train_tokens_per_sec_best_epoch']:,.0f} | {r['setup_seconds']:.1f} |")
     lines += ["",
+              "| implementation | network fwd+bwd tok/s | vs scratch | vs nn.GRU |",
+              "|---|---:|---:|---:|"]
+    for r in result["network"]:
+        lines.append(f"| {IMPL_LABELS[r['impl']]} | {r['fwd_bwd_tokens_per_sec']:,.0f} | "
+                     f"{_ratio(r, 'scratch')} | {_ratio(r, 'nn')} |")
+    lines += ["",
+              "mode: book is the book's loop (the host reads the gradient norm and the loss "
+              "back every minibatch); eager the sync-free step (one read per epoch); compile "
+              "it under torch.compile; cuda-graphs it replayed as one CUDA graph.",
               "train tok/s: tokens trained over the wall time of all epoch loops (the book's "
-              "measure, over every epoch).",
-              "layer fwd+bwd: one minibatch, one-hot -> GRU -> output layer, forward and "
+              "measure, over every epoch); vs scratch book, vs nn.GRU book: against the book's "
+              "loop with that GRU, in this run. best epoch: the fastest epoch's tok/s, which "
+              "other work on the machine can only lower. setup s: compiling or capturing, "
+              "before the epochs, not in tok/s.",
+              "network fwd+bwd: one minibatch, one-hot -> GRU -> output layer, forward and "
               "backward (torch.utils.benchmark median); no data, loss, clipping or update."]
     return "\n".join(lines)
 
@@ -208,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus length cut (the book's 10000; <= 0 for the whole text)")
     p.add_argument("--impls", nargs="+", choices=tm_train.IMPLS, default=list(tm_train.IMPLS),
                    help="implementations of the time machine table")
+    p.add_argument("--modes", nargs="+", choices=tm_train.MODES, default=None,
+                   help="training modes of the time machine table, each run for every "
+                        "implementation (default: book eager compile, and cuda-graphs on "
+                        "CUDA; with --smoke: book eager)")
     p.add_argument("--part", choices=("all", "layer", "train"), default="all",
                    help="which table(s) to produce")
     p.add_argument("--min-run-time", type=tm_train.positive_float, default=1.0,
@@ -221,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="directory for the JSON and the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long run: 2 epochs, H=16, short timings (for tests)")
+                   help="seconds-long run: 2 epochs, H=16, short timings, modes book and "
+                        "eager unless --modes (for tests)")
     return p
 
 
@@ -244,6 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     out = tm_train.check_out(parser, args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.modes is None:
+        args.modes = (["book", "eager"] if args.smoke else
+                      ["book", "eager", "compile"] + (["cuda-graphs"] if device.type == "cuda"
+                                                      else []))
     env = tm_train.environment(device)
     result: Dict = {"environment": env, "args": vars(args), "gru_fused": tm_train.build_info(),
                     "loadavg": {"start": tm_train.load_average()}}
@@ -258,14 +322,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         config = (f"{args.epochs} epochs, H={args.hidden}, B={args.batch_size}, "
                   f"T={args.num_steps}, lr={args.lr}, sequential, {args.max_tokens} tokens")
         try:
-            rows = train_benchmark(args.impls, args.epochs, args.hidden, args.batch_size,
-                                   args.num_steps, args.lr, device, args.seed, data_path,
-                                   args.max_tokens, args.min_run_time, not args.no_progress)
+            train = train_benchmark(args.impls, args.modes, args.epochs, args.hidden,
+                                    args.batch_size, args.num_steps, args.lr, device,
+                                    args.seed, data_path, args.max_tokens, args.min_run_time,
+                                    not args.no_progress)
         except tm_data.DataError as e:
             raise SystemExit(f"error: {e}")
-        result["train"] = {"config": config, "rows": rows}
+        result["train"] = {"config": config, **train}
         result["data"] = tm_train.data_info(data_path)
-        print(format_train_table(rows, config, env), end="\n\n", flush=True)
+        print(format_train_table(train, config, env), end="\n\n", flush=True)
 
     result["loadavg"]["end"] = tm_train.load_average()
     stem = tm_train.unique_stem(out, "bench")
@@ -273,7 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     tm_train.write_json(json_path, result)
     written = [str(json_path)]
     if "train" in result:
-        curves = {IMPL_LABELS[r["impl"]]: r["history"]["perplexity"] for r in result["train"]["rows"]}
+        curves = {f"{IMPL_LABELS[r['impl']]}, {r['mode']}": r["history"]["perplexity"]
+                  for r in result["train"]["rows"]}
         png = tm_train.plot_perplexity(curves, out / f"{stem}.png",
                                        f"Time machine, H={args.hidden}, {device.type}")
         written.append(str(png))

@@ -17,11 +17,24 @@ The same --seed gives the same initial weights to nn and fused (both use nn.GRU'
 initialisation and parameter order, then the output layer's) and to scratch and
 fused_scratch (both use gru_fused.scratch.get_params), and the same minibatches to all.
 
+Training modes (--mode; --compile and --cuda-graphs are short for the last two):
+
+    book         the book's train_epoch_ch8: per minibatch the host reads the gradient
+                 norm back (`if norm > theta`) and the loss (`float(l)`); the reference
+    eager        the sync-free step (TrainStep), default: clipping scales on the device,
+                 the loss is summed on the device and read once per epoch, the epoch's
+                 minibatches go to the device in one copy; the same numbers as book
+    compile      eager with the model and the loss under torch.compile
+    cuda-graphs  eager with the whole step captured once as a CUDA graph and replayed for
+                 every minibatch (falls back to eager, saying why, where it cannot)
+
     python -m gru_fused.train --impl fused --epochs 500
+    python -m gru_fused.train --impl fused --device cuda --cuda-graphs
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -31,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -40,6 +53,7 @@ from torch.nn import functional as F
 from . import data as tm_data
 
 IMPLS = ("scratch", "fused_scratch", "nn", "fused")
+MODES = ("book", "eager", "compile", "cuda-graphs")
 PREFIXES = ("time traveller", "traveller")
 NUM_PREDS = 50
 
@@ -141,16 +155,38 @@ def sgd(params: Sequence[torch.Tensor], lr: float, batch_size: int) -> None:
             param.grad.zero_()
 
 
-def grad_clipping(net, theta: float) -> None:
-    """d2l.grad_clipping: rescale all gradients together so their global norm is <= theta."""
+def trainable_params(net) -> List[torch.Tensor]:
+    """What SGD updates: a module's parameters that require grad, or the scratch model's."""
     if isinstance(net, nn.Module):
-        params = [p for p in net.parameters() if p.requires_grad]
-    else:
-        params = net.params
-    norm = torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
+        return [p for p in net.parameters() if p.requires_grad]
+    return list(net.params)
+
+
+def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The global norm of the gradients, a 0-dim tensor on their device. The book's
+    formula and summation order, shared by both clipping rules so they see the same bits."""
+    return torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
+
+
+def grad_clipping(net, theta: float) -> None:
+    """d2l.grad_clipping: rescale all gradients together so their global norm is <= theta.
+    `norm > theta` reads the norm back to the host: one synchronisation per minibatch."""
+    params = trainable_params(net)
+    norm = grad_norm(params)
     if norm > theta:
         for param in params:
             param.grad[:] *= theta / norm
+
+
+def clip_gradients(params: Sequence[torch.Tensor], theta: float) -> None:
+    """grad_clipping's rule decided on the device: every gradient times theta / norm where
+    norm > theta, else times 1; that is min(1, theta / norm), and 1 for a NaN norm, as the
+    book's comparison. Where the book scales, the factor is the book's expression
+    theta / norm, so the gradients come out the same bits; elsewhere they are multiplied
+    by exactly 1 (also at norm 0, where theta / norm is inf)."""
+    norm = grad_norm(params)
+    scale = torch.where(norm > theta, theta / norm, 1.0)  # 0-dim, on the device
+    torch._foreach_mul_([p.grad for p in params], scale)
 
 
 def predict(prefix: str, num_preds: int, net, vocab, device) -> str:
@@ -171,14 +207,18 @@ def predict(prefix: str, num_preds: int, net, vocab, device) -> str:
     return "".join([vocab.idx_to_token[i] for i in outputs])
 
 
+NO_MINIBATCH = ("the corpus gave no minibatch: it is shorter than one minibatch of "
+                "batch_size x num_steps tokens (see minibatch_problem)")
+
+
 def _synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
-                step_losses: Optional[List[float]] = None):
-    """d2l.train_epoch_ch8: one pass over train_iter.
+                step_losses: Optional[List[float]] = None, theta: float = 1):
+    """d2l.train_epoch_ch8: one pass over train_iter, gradients clipped to norm theta.
 
     Returns (perplexity, tokens/sec, tokens, seconds): the book's two numbers,
     exp(total loss / total tokens) and the tokens processed over the wall time of the
@@ -206,11 +246,11 @@ def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
         if isinstance(updater, torch.optim.Optimizer):
             updater.zero_grad()
             l.backward()
-            grad_clipping(net, 1)
+            grad_clipping(net, theta)
             updater.step()
         else:
             l.backward()
-            grad_clipping(net, 1)
+            grad_clipping(net, theta)
             # The loss is already a mean, hence batch_size=1.
             updater(batch_size=1)
         l_value = l.detach().item()  # synchronises, as the book's Accumulator does
@@ -219,48 +259,272 @@ def train_epoch(net, train_iter, loss, updater, device, use_random_iter: bool,
         total_loss += l_value * y.numel()
         total_tokens += y.numel()
     if total_tokens == 0:
-        raise ValueError("the corpus gave no minibatch: it is shorter than one minibatch of "
-                         "batch_size x num_steps tokens (see minibatch_problem)")
+        raise ValueError(NO_MINIBATCH)
     _synchronize(device)
     elapsed = time.perf_counter() - start
     return math.exp(total_loss / total_tokens), total_tokens / elapsed, total_tokens, elapsed
 
 
+# --- The same step without host synchronisation ----------------------------------------
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+def state_tensors(state: State) -> Tuple[torch.Tensor, ...]:
+    """The tensors of a model's state: RNNModel's [1, B, H] tensor, or the scratch
+    model's tuple of [B, H]."""
+    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+class TrainStep:
+    """One minibatch of the book's recipe (forward, loss, backward, clipping, update,
+    state carried) that never makes the host wait for the device, run on static buffers so
+    that one code path serves eagerly, under torch.compile and as a replayed CUDA graph.
+
+    Buffers, on the device; the caller fills X and y, then calls run():
+        X [B, T] int64 token indices;
+        y [T * B] int64 labels, time-major like the model's output rows (Y.T.reshape(-1));
+        state: the model's begin_state, carried from one step to the next (the book's
+            detach_, done by copying the new state into it);
+        total_loss [] float64: the sum over steps of mean loss x tokens, as the book's
+            Accumulator sums it (float32 loss, float64 sum), read once per epoch;
+        loss [] float32: the last step's mean loss.
+
+    update() is the book's parameter update (torch.optim.SGD.step, or d2l.sgd for the
+    scratch model); it must keep no state of its own, since warm_up runs steps and then
+    puts only the parameters back.
+    """
+
+    def __init__(self, net, loss: Callable, update: Callable[[], None], batch_size: int,
+                 num_steps: int, device, theta: float = 1):
+        self.net, self.loss_fn, self.update, self.theta = net, loss, update, theta
+        self.params = trainable_params(net)
+        device = torch.device(device)
+        self.X = torch.zeros(batch_size, num_steps, dtype=torch.long, device=device)
+        self.y = torch.zeros(num_steps * batch_size, dtype=torch.long, device=device)
+        self.state = net.begin_state(batch_size=batch_size, device=device)
+        self.total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.run: Callable[[], None] = self.step  # replaced by a graph's replay
+        self.graph = None
+
+    def forward_loss(self, X: torch.Tensor, y: torch.Tensor, state: State):
+        """(mean loss [], new state): the model and the loss, what --compile compiles."""
+        y_hat, state = self.net(X, state)  # y_hat [T * B, V]
+        return self.loss_fn(y_hat, y).mean(), state
+
+    def zero_grad(self) -> None:
+        """No gradients: backward then writes fresh ones (in a CUDA graph's memory pool
+        when captured), as optimizer.zero_grad() does by default."""
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        """One minibatch, eagerly: what run() does until capture() replaces it."""
+        self.zero_grad()
+        l, state = self.forward_loss(self.X, self.y, self.state)
+        l.backward()
+        with torch.no_grad():
+            clip_gradients(self.params, self.theta)
+            self.update()
+            for s, new in zip(state_tensors(self.state), state_tensors(state), strict=True):
+                s.copy_(new)
+            self.loss.copy_(l)
+            self.total_loss += self.loss.double() * self.y.numel()
+
+    def reset_state(self) -> None:
+        """The state begin_state gives (zeros): at an epoch's start, and before every
+        random minibatch."""
+        for s in state_tensors(self.state):
+            s.zero_()
+
+    def warm_up(self, steps: int = 3) -> None:
+        """Runs `steps` steps on the buffers as they are, then puts the parameters back and
+        clears the state and the loss sum: training is where it was. torch.compile compiles
+        on the first call, and PyTorch asks for a few eager runs (on a side stream) before
+        a CUDA graph capture, so that lazy initialisation is not captured."""
+        saved = [p.detach().clone() for p in self.params]
+        for _ in range(steps):
+            self.run()
+        with torch.no_grad():
+            for p, value in zip(self.params, saved, strict=True):
+                p.copy_(value)
+        self.zero_grad()
+        self.reset_state()
+        self.total_loss.zero_()
+
+    def capture(self) -> None:
+        """Records step() once as a CUDA graph; run() then replays it. Call after warm_up
+        on a side stream. Capture runs nothing: parameters and buffers are left as they are."""
+        self.zero_grad()  # the captured backward allocates the gradients in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph, self.run = graph, graph.replay
+
+    def prepare(self, mode: str, warmup_steps: int = 3) -> str:
+        """Sets the step up for a sync-free mode (eager, compile, cuda-graphs), warming it
+        up where the mode compiles or captures; returns the mode that will run, which is
+        eager where CUDA graphs cannot be used (the reason goes to stderr)."""
+        if mode not in MODES or mode == "book":
+            raise ValueError(f"TrainStep.prepare: mode must be one of eager, compile, "
+                             f"cuda-graphs, got {mode!r}")
+        if mode == "compile":
+            # dynamic=False: every minibatch has the same shapes, so one compilation.
+            self.forward_loss = torch.compile(self.forward_loss, dynamic=False)
+            self.warm_up(warmup_steps)
+        elif mode == "cuda-graphs":
+            device = self.X.device
+            if device.type != "cuda":
+                return self._fall_back(f"CUDA graphs need a CUDA device, the model is on "
+                                       f"{device}")
+            with torch.cuda.device(device):
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self.warm_up(warmup_steps)
+                torch.cuda.current_stream(device).wait_stream(side)
+                try:
+                    self.capture()
+                except Exception as e:  # reported, and the same step runs eagerly instead
+                    self.graph, self.run = None, self.step
+                    self.zero_grad()  # gradients that pointed into the failed capture's pool
+                    torch.cuda.synchronize(device)
+                    return self._fall_back(f"capturing the step failed: {type(e).__name__}: "
+                                           f"{e}")
+        return mode
+
+    @staticmethod
+    def _fall_back(why: str) -> str:
+        print(f"gru_fused.train: --cuda-graphs: {why}; running the sync-free step eagerly "
+              "instead", file=sys.stderr)
+        return "eager"
+
+
+def device_batches(train_iter, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One pass over train_iter, moved to the device ahead of use in one copy:
+    (X [N, B, T], y [N, T * B]) int64, y time-major as the model's output rows."""
+    batches = list(train_iter)
+    if not batches:
+        raise ValueError(NO_MINIBATCH)
+    Xs = torch.stack([X for X, _ in batches])
+    ys = torch.stack([Y.T.reshape(-1) for _, Y in batches])
+    return Xs.to(device=device, dtype=torch.long), ys.to(device=device, dtype=torch.long)
+
+
+def train_epoch_sync_free(step: TrainStep, train_iter, use_random_iter: bool,
+                          step_losses: Optional[List[float]] = None):
+    """train_epoch with TrainStep: the same minibatches, state handling, loss and
+    measures, returned the same way. The host waits for the device once per epoch, to read
+    the loss sum, instead of twice per minibatch (the upload of the epoch's minibatches
+    comes after the previous epoch's read, when the device is idle)."""
+    start = time.perf_counter()
+    Xs, ys = device_batches(train_iter, step.X.device)
+    if Xs.shape[1:] != step.X.shape:
+        raise ValueError(f"minibatches of shape {list(Xs.shape[1:])}, but the step was "
+                         f"built for {list(step.X.shape)} (batch_size, num_steps)")
+    step.total_loss.zero_()
+    losses = []
+    for i in range(Xs.shape[0]):
+        if i == 0 or use_random_iter:
+            # Random minibatches are not adjacent in the text: start from zeros.
+            step.reset_state()
+        step.X.copy_(Xs[i])
+        step.y.copy_(ys[i])
+        step.run()
+        if step_losses is not None:
+            losses.append(step.loss.clone())  # the buffer is overwritten by the next step
+    total_loss = step.total_loss.item()  # the epoch's one wait for the device
+    elapsed = time.perf_counter() - start
+    if step_losses is not None:
+        step_losses.extend(torch.stack(losses).tolist())
+    total_tokens = ys.numel()
+    return math.exp(total_loss / total_tokens), total_tokens / elapsed, total_tokens, elapsed
+
+
+class Training:
+    """One training run of the book's recipe, advanced an epoch per epoch() call, so that
+    a caller can interleave runs (benchmarks/bench.py alternates training modes epoch by
+    epoch, so that other work on the machine slows them alike).
+
+    mode is one of MODES: "book" runs train_epoch, the others train_epoch_sync_free
+    with a TrainStep (which needs train_iter.batch_size and num_steps, as
+    data.SeqDataLoader has), set up here: compiled or captured before the first epoch.
+    history holds perplexity and tokens_per_sec per epoch, the total tokens and seconds
+    of the epoch loops, the mode that runs (eager where CUDA graphs fell back) and the
+    seconds spent setting it up (not in the epochs' time).
+    """
+
+    def __init__(self, net, train_iter, lr: float, device, use_random_iter: bool = False,
+                 step_losses: Optional[List[float]] = None, mode: str = "eager",
+                 theta: float = 1):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+        loss = nn.CrossEntropyLoss()
+        if isinstance(net, nn.Module):
+            updater = torch.optim.SGD(net.parameters(), lr)
+        else:
+            def updater(batch_size):
+                sgd(net.params, lr, batch_size)
+
+        self.history = {"perplexity": [], "tokens_per_sec": [], "tokens": 0, "seconds": 0.0,
+                        "mode": mode, "setup_seconds": 0.0}
+        if mode == "book":
+            self._epoch = functools.partial(train_epoch, net, train_iter, loss, updater,
+                                            device, use_random_iter, step_losses, theta)
+            return
+        if isinstance(updater, torch.optim.Optimizer):
+            update = updater.step
+        else:
+            update = functools.partial(updater, batch_size=1)  # the loss is already a mean
+        start = time.perf_counter()
+        step = TrainStep(net, loss, update, train_iter.batch_size, train_iter.num_steps,
+                         device, theta)
+        self.history["mode"] = step.prepare(mode)
+        _synchronize(device)
+        self.history["setup_seconds"] = time.perf_counter() - start
+        self._epoch = functools.partial(train_epoch_sync_free, step, train_iter,
+                                        use_random_iter, step_losses)
+
+    def epoch(self) -> Tuple[float, float]:
+        """One pass over the minibatches: (perplexity, tokens/sec), also added to history."""
+        ppl, speed, tokens, seconds = self._epoch()
+        self.history["perplexity"].append(ppl)
+        self.history["tokens_per_sec"].append(speed)
+        self.history["tokens"] += tokens
+        self.history["seconds"] += seconds
+        return ppl, speed
+
+
+def predictions(net, vocab, device) -> Dict[str, str]:
+    """The book's two generated lines, one per prefix."""
+    return {p: predict(p, NUM_PREDS, net, vocab, device) for p in PREFIXES}
+
+
 def train(net, train_iter, vocab, lr: float, num_epochs: int, device,
           use_random_iter: bool = False, progress: bool = True, sample_every: int = 0,
-          desc: str = "train", step_losses: Optional[List[float]] = None) -> Dict:
-    """d2l.train_ch8 without the animator: returns the per-epoch history.
-
-    The returned dict has perplexity and tokens_per_sec per epoch, the total tokens and
-    seconds of the epoch loops, and the book's two generated strings.
+          desc: str = "train", step_losses: Optional[List[float]] = None,
+          mode: str = "eager", theta: float = 1) -> Dict:
+    """d2l.train_ch8 without the animator (gradients clipped to norm theta, the book's 1),
+    in one of MODES: returns Training's history, with the generated samples and the
+    book's two generated lines added.
     """
     tqdm = _train_extra("tqdm.auto").tqdm
-
-    loss = nn.CrossEntropyLoss()
-    if isinstance(net, nn.Module):
-        updater = torch.optim.SGD(net.parameters(), lr)
-    else:
-        def updater(batch_size):
-            sgd(net.params, lr, batch_size)
-
-    history = {"perplexity": [], "tokens_per_sec": [], "tokens": 0, "seconds": 0.0,
-               "samples": []}
+    training = Training(net, train_iter, lr, device, use_random_iter, step_losses, mode,
+                        theta)
+    history = training.history
+    history["samples"] = []
     bar = tqdm(range(num_epochs), desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     for epoch in bar:
-        ppl, speed, tokens, seconds = train_epoch(net, train_iter, loss, updater, device,
-                                                  use_random_iter, step_losses)
-        history["perplexity"].append(ppl)
-        history["tokens_per_sec"].append(speed)
-        history["tokens"] += tokens
-        history["seconds"] += seconds
+        ppl, speed = training.epoch()
         bar.set_postfix(ppl=f"{ppl:.2f}", tok_s=f"{speed:,.0f}")
         if sample_every and (epoch + 1) % sample_every == 0:
             sample = predict(PREFIXES[0], NUM_PREDS, net, vocab, device)
             history["samples"].append({"epoch": epoch + 1, "text": sample})
             (bar.write if progress else print)(f"epoch {epoch + 1}: {sample}")
     bar.close()
-    history["predictions"] = {p: predict(p, NUM_PREDS, net, vocab, device) for p in PREFIXES}
+    history["predictions"] = predictions(net, vocab, device)
     return history
 
 
@@ -335,8 +599,9 @@ def format_environment(env: Dict) -> str:
 def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 32,
         num_steps: int = 35, lr: float = 1.0, device="auto", seed: int = 0,
         data_path=None, max_tokens: int = 10000, use_random_iter: bool = False,
-        progress: bool = True, sample_every: int = 0) -> Dict:
-    """Train one implementation with the book's recipe; returns the run's record."""
+        progress: bool = True, sample_every: int = 0, mode: str = "eager") -> Dict:
+    """Train one implementation with the book's recipe in one of MODES; returns the
+    run's record."""
     load_start = load_average()
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     random.seed(seed)  # the iterators' offsets and shuffles
@@ -344,9 +609,13 @@ def run(impl: str, epochs: int = 500, num_hiddens: int = 256, batch_size: int = 
                                                        max_tokens, data_path)
     net = make_net(impl, len(vocab), num_hiddens, device, seed)
     history = train(net, train_iter, vocab, lr, epochs, device, use_random_iter,
-                    progress=progress, sample_every=sample_every, desc=impl)
+                    progress=progress, sample_every=sample_every, desc=f"{impl} {mode}",
+                    mode=mode)
     return {
         "impl": impl,
+        "mode": mode,
+        "mode_run": history["mode"],  # eager where --cuda-graphs fell back
+        "setup_seconds": history["setup_seconds"],  # compiling or capturing, not timed
         "gru_fused": build_info(),
         "data": data_info(data_path),
         "loadavg": {"start": load_start, "end": load_average()},
@@ -538,6 +807,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
     """--help shows each option's default, and descriptions keep their line breaks."""
 
 
+def add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """--mode, and --compile / --cuda-graphs as its short forms (one of the three)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--mode", choices=MODES, default="eager",
+                       help="training step: book (the book's loop, host syncs per "
+                            "minibatch), eager (sync-free, same numbers), compile, "
+                            "cuda-graphs")
+    group.add_argument("--compile", dest="mode", action="store_const", const="compile",
+                       help="same as --mode compile: the model and loss under torch.compile")
+    group.add_argument("--cuda-graphs", dest="mode", action="store_const",
+                       const="cuda-graphs",
+                       help="same as --mode cuda-graphs: the whole step replayed as one "
+                            "CUDA graph (eager, with a message, where not possible)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gru_fused.train",
@@ -555,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus length cut (the book's 10000; <= 0 for the whole text)")
     p.add_argument("--random-iter", action="store_true",
                    help="random instead of sequential minibatches")
+    add_mode_arguments(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (>= 1; None: torch's default)")
@@ -582,12 +867,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         record = run(args.impl, args.epochs, args.hidden, args.batch_size, args.num_steps,
                      args.lr, device, args.seed, data_path, args.max_tokens,
                      args.random_iter, progress=not args.no_progress,
-                     sample_every=args.sample_every)
+                     sample_every=args.sample_every, mode=args.mode)
     except tm_data.DataError as e:
         raise SystemExit(f"error: {e}")
     print(f"perplexity {record['perplexity']:.1f}, {record['tokens_per_sec']:.1f} tokens/sec "
           f"on {record['environment']['device']} (mean over epochs "
-          f"{record['tokens_per_sec_mean']:.1f})")
+          f"{record['tokens_per_sec_mean']:.1f}), mode {record['mode_run']}")
     for prefix in PREFIXES:
         print(record["predictions"][prefix])
     print(format_environment(record["environment"]))

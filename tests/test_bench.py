@@ -47,12 +47,49 @@ def test_bench_smoke(tmp_path, text_path):
     assert layer["torch.nn.GRU"]["fwd_bwd_vs_nn"] == 1.0
     assert all(r["forward_tokens_per_sec"] > 0 and r["fwd_bwd_tokens_per_sec"] > 0
                for r in layer.values())
-    rows = {r["impl"]: r for r in record["train"]["rows"]}
-    assert sorted(rows) == ["fused", "fused_scratch", "nn", "scratch"]
-    assert rows["scratch"]["train_vs_scratch"] == 1.0 and rows["nn"]["train_vs_nn"] == 1.0
-    for r in rows.values():
-        assert len(r["history"]["perplexity"]) == 2
-        assert r["train_tokens_per_sec"] > 0 and r["layer_fwd_bwd_tokens_per_sec"] > 0
+    # --smoke: modes book and eager, for each implementation.
+    rows = {(r["impl"], r["mode"]): r for r in record["train"]["rows"]}
+    assert sorted(rows) == [(impl, mode) for impl in ("fused", "fused_scratch", "nn", "scratch")
+                            for mode in ("book", "eager")]
+    assert rows["scratch", "book"]["vs_scratch"] == 1.0 and rows["nn", "book"]["vs_nn"] == 1.0
+    for (impl, mode), r in rows.items():
+        assert r["mode_run"] == mode
+        assert len(r["history"]["perplexity"]) == 2 and r["train_tokens_per_sec"] > 0
+        assert r["train_tokens_per_sec_best_epoch"] >= r["train_tokens_per_sec"]
+        # The sync-free step computes the book's numbers exactly.
+        assert r["history"]["perplexity"] == rows[impl, "book"]["history"]["perplexity"]
+    network = {r["impl"]: r for r in record["train"]["network"]}
+    assert sorted(network) == ["fused", "fused_scratch", "nn", "scratch"]
+    assert network["nn"]["vs_nn"] == 1.0
+    assert all(r["fwd_bwd_tokens_per_sec"] > 0 for r in network.values())
+
+
+def test_bench_train_modes_smoke(tmp_path, text_path):
+    """The training table with --modes: compile compiles before the timed epochs and
+    follows the book's perplexity; cuda-graphs on the CPU says it ran eagerly; every row
+    has its ratio to the book's nn.GRU loop of the same run."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--smoke", "--no-progress",
+           "--part", "train", "--impls", "nn", "fused", "--modes", "book", "compile",
+           "cuda-graphs", "--device", "cpu", "--threads", "1", "--data", str(text_path),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| FusedGRU | compile | " in proc.stdout
+    assert "| FusedGRU | cuda-graphs (ran eager) | " in proc.stdout
+    assert "--cuda-graphs: CUDA graphs need a CUDA device" in proc.stderr
+
+    [record_path] = out.glob("bench-*.json")
+    record = _strict_json(record_path.read_text())
+    rows = {(r["impl"], r["mode"]): r for r in record["train"]["rows"]}
+    assert len(rows) == 6
+    for (impl, mode), r in rows.items():
+        assert r["mode_run"] == ("eager" if mode == "cuda-graphs" else mode)
+        assert r["vs_nn"] == r["train_tokens_per_sec"] / rows["nn", "book"]["train_tokens_per_sec"]
+        assert "vs_scratch" not in r  # the scratch GRU's book loop was not run
+        book = rows[impl, "book"]["history"]["perplexity"]
+        assert r["history"]["perplexity"] == pytest.approx(book, rel=0.01)
+    assert rows["fused", "compile"]["setup_seconds"] > 0
 
 
 def test_cpu_sweep_smoke(tmp_path):
@@ -104,6 +141,7 @@ def no_benchmarking(bench, monkeypatch):
 
 
 BAD_BENCH_ARGS = COMMON_BAD_ARGS + [
+    (["--modes", "fast"], "--modes", "invalid choice: 'fast'"),
     (["--min-run-time", "0"], "--min-run-time", "> 0"),
     (["--min-run-time", "-1"], "--min-run-time", "> 0"),
 ]

@@ -166,6 +166,9 @@ BAD_TRAIN_ARGS = COMMON_BAD_ARGS + [
     (["--lr", "-0.5"], "--lr", "> 0"),
     (["--lr", "inf"], "--lr", "> 0"),
     (["--sample-every", "-1"], "--sample-every", ">= 0"),
+    (["--mode", "fast"], "--mode", "invalid choice: 'fast'"),
+    (["--compile", "--cuda-graphs"], "--cuda-graphs", "not allowed with argument --compile"),
+    (["--mode", "book", "--compile"], "--compile", "not allowed with argument --mode"),
 ]
 
 
@@ -275,7 +278,7 @@ def test_cli_help_shows_defaults(capsys):
     assert e.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 500)", "(default: 32)", "(default: 35)", "(default: 1.0)",
-                    "(default: runs)", "(default: fused)"):
+                    "(default: runs)", "(default: fused)", "(default: eager)"):
         assert default in help_text
 
 
