@@ -161,19 +161,20 @@ def default_arch_list():
 
 
 # The sources, each list longest compile first (so that with few jobs the long ones start
-# early). The CUDA kernels are gru_cuda.cu (nvcc); gru_cuda_ops.cpp, their host side,
+# early). The CUDA kernels are cuda/gru_cuda.cu (nvcc); cuda/gru_cuda_ops.cpp, their host side,
 # includes CUDA headers too, so it is built with them only.
-CPU_SOURCES = ["csrc/gru_cpu.cpp", "csrc/gru_driver.cpp", "csrc/ops.cpp"]
-CUDA_SOURCES = ["csrc/gru_cuda.cu", "csrc/gru_cuda_ops.cpp"]
+CPU_SOURCES = ["csrc/cpu/gru_cpu.cpp", "csrc/gru_driver.cpp", "csrc/ops.cpp"]
+CUDA_SOURCES = ["csrc/cuda/gru_cuda.cu", "csrc/cuda/gru_cuda_ops.cpp"]
 
 
 def extensions():
     with_cuda, reason = build_plan()
     known = set(CPU_SOURCES + CUDA_SOURCES)
-    unknown = sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")) - known)
+    unknown = sorted(set(glob.glob("csrc/**/*.cpp", recursive=True) +
+                         glob.glob("csrc/**/*.cu", recursive=True)) - known)
     if unknown:
         raise RuntimeError(f"setup.py: add {unknown} to CPU_SOURCES or CUDA_SOURCES")
-    # The CPU gate passes are vectorized by the compiler (csrc/gru_cpu.cpp):
+    # The CPU gate passes are vectorized by the compiler (csrc/cpu/gru_cpu.cpp):
     # -ffp-contract=off: no fused multiply-adds behind the code's back, so the AVX-512,
     #   AVX2 and baseline builds of a gate pass, and a loop's vector body and its scalar
     #   remainder, compute the same bits (however a pass is split across threads).
@@ -189,10 +190,13 @@ def extensions():
     if not debug_info:
         cxx.append("-g0")
         link.append("-Wl,--strip-debug")
+    # Includes name their path from csrc/ ("cuda/gru_kernels.cuh"), whatever folder the
+    # including file is in: shared headers at the top, one folder per backend.
+    include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
         print(f"gru_fused: building CPU kernels only ({reason})", flush=True)
-        return [CppExtension("gru_fused._C", CPU_SOURCES, extra_compile_args={"cxx": cxx},
-                             extra_link_args=link)]
+        return [CppExtension("gru_fused._C", CPU_SOURCES, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     archs, why = default_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     print(f"gru_fused: building CPU + CUDA kernels for sm {archs} ({why}; {reason})",
@@ -207,7 +211,7 @@ def extensions():
         nvcc += ["-Xcompiler", "-g0"]
     # Longest first: the kernels, the CPU loops, then the rest.
     sources = CUDA_SOURCES[:1] + CPU_SOURCES[:1] + CUDA_SOURCES[1:] + CPU_SOURCES[1:]
-    return [CUDAExtension("gru_fused._C", sources,
+    return [CUDAExtension("gru_fused._C", sources, include_dirs=include_dirs,
                           define_macros=[("GRU_FUSED_WITH_CUDA", None)],
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                           extra_link_args=link)]

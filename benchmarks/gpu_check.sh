@@ -1,46 +1,158 @@
 #!/usr/bin/env bash
-# GPU check, for a machine with an NVIDIA GPU, run from the repo root:
-#   bash benchmarks/gpu_check.sh [OUT_DIR]
-# 1. builds the extension for the visible GPU, 2. runs the CUDA tests, 3. runs
-# compute-sanitizer (memcheck, racecheck) on a small forward + backward, 4. runs the GPU
-# benchmark and prints its table last. Needs no internet (torch, ninja and pytest must be
-# installed already). Full logs and results.json go to OUT_DIR (default: gpu_check_out).
-set -uo pipefail
+# GPU check, for a machine with an NVIDIA GPU; needs no internet (torch, ninja, pytest and
+# the CUDA toolkit with compute-sanitizer installed already):
+#
+#   bash benchmarks/gpu_check.sh [--quick] [OUT_DIR]
+#
+# Phases, in this order so that the numbers come back first; each prints "[phase] N s":
+#   build      the extension for the visible GPU (setup.py build_ext --inplace), imported
+#   bench      the GPU benchmark table (gpu_bench.py; --quick: 4 shapes, short timings)
+#   train      the time machine training line (bench.py --part train; needs the book's
+#              text: $GRU_FUSED_DATA, else data/timemachine.txt, git-ignored); not --quick
+#   tests      the CUDA tests (tests/test_cuda.py and every *_cuda test; --quick: the first)
+#   memcheck   compute-sanitizer on benchmarks/gpu_small.py, every kernel, with PyTorch's
+#              caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1): inside a cached
+#              segment an out-of-bounds access would go unseen
+#   racecheck, synccheck, initcheck (not --quick): gru_fused's kernels only
+#              (--kernel-name kns=gru_fused: every kernel's mangled name holds it); initcheck
+#              with the caching allocator off too, so fresh memory is uninitialised
+# A failing phase does not stop the next. The run keeps within a time budget
+# ($GPU_CHECK_BUDGET_S, default 450 s, 220 s with --quick: an 8 / 4 minute slot with room
+# to spare): each phase gets at most what is left, and one that cannot run in it is
+# skipped and counts as failed. Exit status 0 only if every phase passed.
+# Full logs, the benchmark's results.json and the tests' JUnit XML go to OUT_DIR (default
+# gpu_check_out, git-ignored).
+set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-gpu_check_out}"
-mkdir -p "$out"
-py="${PYTHON:-python3}"
-status=0
-step() { echo; echo "=== $* ==="; }
 
-step "build"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-if ! "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "build failed"; exit 1
-fi
-grep "gru_fused: building" "$out/build.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$py" -c "import gru_fused, torch; assert gru_fused.cuda_compiled(); print(torch.cuda.get_device_name())" || exit 1
-
-step "CUDA tests"
-timeout 300 "$py" -m pytest -q -k cuda -p no:cacheprovider tests/test_ops.py tests/test_module.py \
-  tests/test_scratch.py 2>&1 | tee "$out/tests.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
-for tool in memcheck racecheck; do
-  step "compute-sanitizer --tool $tool"
-  if [ -z "$sanitizer" ]; then echo "compute-sanitizer not found"; status=1; continue; fi
-  timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 9 "$py" benchmarks/gpu_small.py \
-    > "$out/sanitizer_$tool.log" 2>&1
-  rc=$?
-  tail -4 "$out/sanitizer_$tool.log"
-  [ "$rc" -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
+quick=0
+out=gpu_check_out
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
+    *) out="$arg" ;;
+  esac
 done
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ "$quick" -eq 1 ]; then budget="${GPU_CHECK_BUDGET_S:-220}"; else budget="${GPU_CHECK_BUDGET_S:-450}"; fi
 
-step "benchmark"
-timeout 300 "$py" benchmarks/gpu_bench.py --json "$out/results.json" 2>&1 | tee "$out/bench.log" | tail -20
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# The book's text for the training line (and any test that reads it).
+data="${GRU_FUSED_DATA:-}"
+if [ -z "$data" ] && [ -f data/timemachine.txt ]; then data="$PWD/data/timemachine.txt"; fi
+if [ -n "$data" ]; then export GRU_FUSED_DATA="$data"; fi
+
+sanitizer="$(command -v compute-sanitizer || true)"
+if [ -z "$sanitizer" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
+  sanitizer="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+fi
+
+# The phases' commands (run by run_phase in a child bash, hence exported).
+build() {
+  "$py" setup.py build_ext --inplace
+  "$py" -c "import torch, gru_fused
+assert gru_fused.cuda_compiled(), 'built without the CUDA kernels'
+print('gru_fused', gru_fused.__version__, gru_fused.__commit__, '| torch', torch.__version__,
+      '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
+}
+
+tests() {
+  local files=(tests/test_cuda.py)
+  if [ "$quick" -eq 0 ]; then
+    # test_cuda.py last: its CUDA graph tests, should a capture fail, could upset the
+    # device for the tests after them.
+    files=(tests/test_ops.py tests/test_module.py tests/test_func.py tests/test_scratch.py
+           tests/test_train_step.py tests/test_cuda.py)
+  fi
+  "$py" -m pytest -q -rs -p no:cacheprovider --junitxml "$out/tests.xml" -k cuda "${files[@]}"
+}
+
+sanitize() {  # sanitize on|off TOOL [OPTION...]: compute-sanitizer on gpu_small.py, with
+              # PyTorch's caching allocator on or off (off: any value of the variable)
+  local caching=(env -u PYTORCH_NO_CUDA_MEMORY_CACHING)
+  if [ "$1" = off ]; then caching=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1); fi
+  shift
+  if [ -z "$sanitizer" ]; then echo "compute-sanitizer not found"; return 1; fi
+  "${caching[@]}" "$sanitizer" --tool "$@" --error-exitcode 1 "$py" benchmarks/gpu_small.py
+}
+export -f build tests sanitize
+export py quick out sanitizer
+
+failed=()
+summary=()
+# run_phase NAME CAP_SECONDS COMMAND...: COMMAND (output to OUT/NAME.log, the interesting
+# part of it to stdout) for at most min(CAP, what is left of the budget).
+run_phase() {
+  local name="$1" cap="$2"
+  shift 2
+  local left=$((budget - SECONDS)) limit rc start log="$out/$name.log"
+  limit=$((cap < left ? cap : left))
+  echo
+  echo "=== $name (at most ${limit} s) ==="
+  if [ "$limit" -lt 15 ]; then
+    echo "[$name] skipped: ${left} s of the ${budget} s budget left"
+    failed+=("$name"); summary+=("$name: skipped, out of time"); return 0
+  fi
+  start=$SECONDS
+  if timeout --kill-after=10 "$limit" bash -c 'set -euo pipefail; "$@"' _ "$@" > "$log" 2>&1
+  then rc=0; else rc=$?; fi
+  if [ "$name" = bench ] && grep -q '^Benchmark, float32' "$log"; then
+    grep -m1 '^environment:' "$log"
+    sed -n '/^Benchmark, float32/,$p' "$log"
+  elif [ "$name" = tests ] || [ "$name" = train ] || [ "$name" = bench ]; then
+    tail -40 "$log"
+  else
+    tail -6 "$log"
+  fi
+  local took=$((SECONDS - start)) verdict=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="timed out"
+  elif [ "$rc" -ne 0 ]; then verdict="failed (exit $rc)"; fi
+  echo "[$name] $took s: $verdict"
+  summary+=("$name: $took s, $verdict")
+  if [ "$verdict" != ok ]; then failed+=("$name"); fi
+  return 0
+}
+
+echo "gpu_check: $([ "$quick" -eq 1 ] && echo quick || echo full) run, budget ${budget} s, logs in $out"
+run_phase build 240 build
+if [[ " ${failed[*]-} " == *" build "* ]]; then
+  echo "gpu_check: FAILED: the build (see $out/build.log); nothing else can run"
+  exit 1
+fi
+if [ "$quick" -eq 1 ]; then
+  run_phase bench 75 "$py" benchmarks/gpu_bench.py --quick --per-kernel --json "$out/results.json"
+else
+  run_phase bench 120 "$py" benchmarks/gpu_bench.py --per-kernel --json "$out/results.json"
+  if [ -n "$data" ]; then
+    # The time machine training step in every mode (the book's loop, the sync-free step
+    # eagerly, torch.compile, CUDA graphs): tokens/s and the ratio to the book's nn.GRU.
+    run_phase train 90 "$py" benchmarks/bench.py --part train --device cuda --epochs 5 \
+      --modes book eager compile cuda-graphs --no-progress --data "$data" --out "$out/train"
+  else
+    echo; echo "[train] skipped: no timemachine.txt (set GRU_FUSED_DATA or put it in data/)"
+    summary+=("train: skipped (no data)")
+  fi
+fi
+run_phase tests "$([ "$quick" -eq 1 ] && echo 60 || echo 200)" tests
+run_phase memcheck 120 sanitize off memcheck
+if [ "$quick" -eq 0 ]; then
+  run_phase racecheck 75 sanitize on racecheck --kernel-name kns=gru_fused
+  run_phase synccheck 75 sanitize on synccheck --kernel-name kns=gru_fused
+  run_phase initcheck 75 sanitize off initcheck --kernel-name kns=gru_fused
+fi
+
 echo
-echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $out)"
-exit $status
+echo "=== summary (${SECONDS} s of ${budget} s) ==="
+printf '  %s\n' "${summary[@]}"
+if [ "${#failed[@]}" -eq 0 ]; then
+  echo "gpu_check: OK (logs in $out)"
+  exit 0
+fi
+echo "gpu_check: FAILED: ${failed[*]} (logs in $out)"
+exit 1

@@ -1,14 +1,19 @@
-"""A small CUDA forward + backward of every kernel variant, for compute-sanitizer.
+"""A small CUDA run of every kernel variant, for compute-sanitizer (benchmarks/gpu_check.sh).
 
-    compute-sanitizer --tool memcheck  python benchmarks/gpu_small.py
-    compute-sanitizer --tool racecheck python benchmarks/gpu_small.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/gpu_small.py
+    compute-sanitizer --tool racecheck --kernel-name kns=gru_fused python benchmarks/gpu_small.py
 
-Odd sizes (H=37: partial tiles; B=9: two batch tiles) so the bounds checks are exercised.
+Every dtype x formula x direction, without and with padded lengths (unsorted, one empty
+sequence): forward + backward (the [4, T, B, H] workspace), and the inference op (one
+step's [4, 1, B, H] workspace, which every step rewrites). Then a packed FusedGRU, two
+layers both ways. Odd sizes (H=37: partial tiles; B=9: two batch tiles) exercise the
+bounds checks.
 """
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gru_fused  # noqa: E402
@@ -16,18 +21,29 @@ import gru_fused  # noqa: E402
 assert torch.cuda.is_available() and gru_fused.cuda_compiled(), "needs a GPU and a CUDA build"
 torch.manual_seed(0)
 T, B, I, H = 3, 9, 5, 37
-for dtype in (torch.float32, torch.float64, torch.bfloat16):
+dev = "cuda"
+runs = 0
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     for reset_after in (True, False):
         for reverse in (False, True):
             for lengths in (None, torch.tensor([3, 1, 0, 2, 3, 3, 1, 2, 3])):
-                x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
-                hx = torch.randn(B, H, device="cuda", dtype=dtype, requires_grad=True)
-                w_ih = torch.randn(3 * H, I, device="cuda", dtype=dtype, requires_grad=True)
-                w_hh = torch.randn(3 * H, H, device="cuda", dtype=dtype, requires_grad=True)
-                b_ih = torch.randn(3 * H, device="cuda", dtype=dtype, requires_grad=True)
-                b_hh = torch.randn(3 * H, device="cuda", dtype=dtype, requires_grad=True)
-                out, h_n = gru_fused.gru(x, hx, w_ih, w_hh, b_ih, b_hh, reset_after=reset_after,
+                def tensor(*shape):
+                    return (torch.randn(*shape, device=dev) * 0.5).to(dtype).requires_grad_()
+
+                x, hx = tensor(T, B, I), tensor(B, H)
+                params = [tensor(3 * H, I), tensor(3 * H, H), tensor(3 * H), tensor(3 * H)]
+                out, h_n = gru_fused.gru(x, hx, *params, reset_after=reset_after,
                                          reverse=reverse, lengths=lengths)
                 (out.float().sum() + h_n.float().sum()).backward()
+                with torch.no_grad():  # gru_inference
+                    gru_fused.gru(x, hx, *params, reset_after=reset_after, reverse=reverse,
+                                  lengths=lengths)
+                runs += 1
+
+model = gru_fused.FusedGRU(I, H, num_layers=2, bidirectional=True, device=dev)
+packed = pack_padded_sequence(torch.randn(T, B, I, device=dev),
+                              torch.tensor([3, 1, 2, 2, 3, 3, 1, 2, 3]), enforce_sorted=False)
+out, h_n = model(packed)
+(out.data.sum() + h_n.sum()).backward()
 torch.cuda.synchronize()
-print("gpu_small: all variants ran")
+print(f"gpu_small: {runs} op variants (forward, backward, inference) and a packed FusedGRU ran")

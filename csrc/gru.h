@@ -26,7 +26,7 @@
 namespace gru_fused {
 
 // What a backend's forward step loop reads and writes. All tensors are contiguous and
-// on one device with one dtype, except lengths (int64, on that device).
+// on one device with one dtype, except lengths (int64, on that device too).
 struct ForwardLoopArgs {
   at::Tensor gi;         // [T, B, 3H] in:  x W_ih^T + b_ih (+ b_hr, b_hz; + b_hn if !reset_after)
                          //   or, with gi_rows, the [I, 3H] table of those rows for one-hot x
@@ -35,11 +35,12 @@ struct ForwardLoopArgs {
   at::Tensor hx;         // [B, H]     in:  initial state
   at::Tensor weight_hh;  // [3H, H]    in
   at::Tensor b_hn;       // [H]        in:  added inside r * (...) when reset_after; else undefined
-  at::Tensor lengths;    // [B] int64  in:  undefined when every sequence has all T steps
+  at::Tensor lengths;    // [B] int64  in:  on the loops' device (BackendExtras::
+                         //   lengths_to_device); undefined when no sequence is padded
   at::Tensor output;     // [T, B, H]  out: h_t for every step (the carried state when padded)
   at::Tensor workspace;  // [4, T, B, H] out: r, z, n and kSlotHn (see gru_math.h); or
                          // [4, 1, B, H] for gru_inference, every step reusing the one slot
-                         // set (only the CPU loop is called so)
+                         // set (the CPU and the CUDA loops are both called so)
   bool reset_after;
   bool reverse;
   // Chunks (BackendExtras::step_chunks): this call runs loop iterations [iter_begin,
@@ -90,7 +91,8 @@ struct OneHotOps {
 };
 
 // What a backend's loops can do beyond running all steps on full-size buffers (the
-// CPU's; CUDA's take none of it).
+// CPU's one_hot, step_chunks and dgh_candidate_only), and how lengths reach a device
+// (CUDA's lengths_to_device).
 struct BackendExtras {
   const OneHotOps* one_hot = nullptr;
   // Loops take steps in chunks (the *LoopArgs' iter_begin...): gi, dG and dGh then stay
@@ -98,6 +100,11 @@ struct BackendExtras {
   bool step_chunks = false;
   // The backward loop writes only dGh's n column, into a [T, B, H] dGh.
   bool dgh_candidate_only = false;
+  // lengths [B] (int64, contiguous, on the CPU, values checked) copied to `device`, the
+  // input's, for work the driver then launches on that device's current stream; the
+  // result is only read. Unset, the loops read the CPU tensor itself: a backend on
+  // another device must set it. Called only when some sequence is padded.
+  at::Tensor (*lengths_to_device)(const at::Tensor& lengths, c10::Device device) = nullptr;
 };
 
 // The op implementations, parametrised by the backend's step loops. keep_workspace =
@@ -126,6 +133,13 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 // still in use by a live tensor is freed when that tensor dies).
 int64_t cached_bytes();
 int64_t empty_cache();
+
+#ifdef GRU_FUSED_WITH_CUDA
+// The CUDA backend's device copies of lengths (cuda/gru_cuda_ops.cpp): at most 64 of
+// B int64 each, plus those a CUDA graph captured, which are kept for good. Drops the
+// others; CUDA memory, so not counted by cached_bytes().
+void empty_cuda_lengths_cache();
+#endif
 
 // Index of the step processed at loop iteration i.
 inline int64_t step_at(int64_t i, int64_t T, bool reverse) { return reverse ? T - 1 - i : i; }

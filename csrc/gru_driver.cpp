@@ -75,6 +75,21 @@ struct CheckedLengths {
   bool padded = false;  // some sequence is shorter than T
 };
 
+// The lengths the loops read, on input's device: undefined when no sequence is padded
+// (then lengths change nothing). A GPU backend's hook makes the copy without a host
+// synchronisation (a plain .to(device) would block on the stream every call, and is
+// illegal during CUDA graph capture).
+at::Tensor lengths_for_loops(const CheckedLengths& len, const at::Tensor& input,
+                             const BackendExtras& extras) {
+  if (!len.padded) return at::Tensor();
+  if (extras.lengths_to_device != nullptr) {
+    return extras.lengths_to_device(len.values, input.device());
+  }
+  TORCH_INTERNAL_ASSERT(input.is_cpu(), "gru_fused: a backend on ", input.device(),
+                        " must set BackendExtras::lengths_to_device");
+  return len.values;
+}
+
 CheckedLengths checked_lengths(const std::optional<at::Tensor>& lengths, int64_t T,
                                int64_t B) {
   if (!lengths.has_value()) return {};
@@ -429,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_impl(
     }
     a.gi_rows = cols.view({T, B});
   }
-  if (len.values.defined()) a.lengths = len.values.to(input.device());
+  a.lengths = lengths_for_loops(len, input, extras);
   a.output = empty_to_fill({T, B, H}, input.options());
   a.workspace = WorkspacePool::instance().empty({kNumSlots, keep_workspace ? T : 1, B, H},
                                                 input.options());
@@ -507,11 +522,13 @@ gru_backward_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // Padded positions (t >= lengths[b]) get dG = 0, but 0 * NaN is NaN: a padding left
   // as torch.empty would reach dW_ih through dG^T x, and dW_hn through r h when
   // !reset_after (the forward computed r from that padding). Those products see the
-  // padding as zeros instead: [T, B, 1], true where the step is active.
+  // padding as zeros instead: [T, B, 1], true where the step is active, computed on
+  // input's device.
   at::Tensor active;
   if (len.padded) {
-    active = (at::arange(T, len.values.options()).unsqueeze(1) < len.values.unsqueeze(0))
-                 .unsqueeze(2).to(input.device());
+    const at::Tensor lengths_dev = lengths_for_loops(len, input, extras);  // [B]
+    active = (at::arange(T, lengths_dev.options()).unsqueeze(1) < lengths_dev.unsqueeze(0))
+                 .unsqueeze(2);
   }
   const auto unpadded = [&](const at::Tensor& t) {  // t [T, B, .]
     return active.defined() ? at::where(active, t, at::zeros({}, t.options())) : t;

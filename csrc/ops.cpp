@@ -1,5 +1,5 @@
 // The op schemas, declared once. Each backend only registers kernels for them
-// (gru_cpu.cpp for CPU, gru_cuda_ops.cpp for CUDA), so a CPU-only build still has every op.
+// (cpu/gru_cpu.cpp for CPU, cuda/gru_cuda_ops.cpp for CUDA), so a CPU-only build still has every op.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers only (gru_driver.cpp)
 #ifndef AT_PER_OPERATOR_HEADERS
 #define AT_PER_OPERATOR_HEADERS
@@ -11,6 +11,9 @@
 
 #include "gru.h"
 #include "schemas.h"
+#ifdef GRU_FUSED_WITH_CUDA
+#include "cuda/gru_kernel_params.h"
+#endif
 
 TORCH_LIBRARY(gru_fused, m) {
   m.def(gru_fused::kForwardSchema);
@@ -20,8 +23,8 @@ TORCH_LIBRARY(gru_fused, m) {
 
 namespace {
 
-// gru_inference where a backend has no kernel of its own for it (CUDA): gru_forward,
-// workspace dropped. The CPU registers a kernel that never writes the workspace.
+// gru_inference where a backend has no kernel of its own for it: gru_forward, workspace
+// dropped. The CPU and CUDA both register a kernel that keeps one step's workspace only.
 std::tuple<at::Tensor, at::Tensor> gru_inference_any_device(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
@@ -46,7 +49,7 @@ TORCH_LIBRARY_IMPL(gru_fused, CompositeExplicitAutograd, m) {
 }
 
 // `import gru_fused._C` loads the library above; the module itself reports how it was
-// built and manages the memory the CPU kernels keep between calls (gru.h).
+// built and manages the memory the kernels keep between calls (gru.h).
 static PyObject* py_cached_bytes(PyObject*, PyObject*) {
   return PyLong_FromLongLong(gru_fused::cached_bytes());
 }
@@ -55,6 +58,9 @@ static PyObject* py_empty_cache(PyObject*, PyObject*) {
   int64_t released = 0;
   Py_BEGIN_ALLOW_THREADS
   released = gru_fused::empty_cache();
+#ifdef GRU_FUSED_WITH_CUDA
+  gru_fused::empty_cuda_lengths_cache();  // device memory: not in the count
+#endif
   Py_END_ALLOW_THREADS
   return PyLong_FromLongLong(released);
 }
@@ -63,18 +69,44 @@ static PyMethodDef gru_fused_methods[] = {
     {"cached_bytes", py_cached_bytes, METH_NOARGS,
      "Bytes of CPU scratch and workspace memory kept between calls."},
     {"empty_cache", py_empty_cache, METH_NOARGS,
-     "Releases the kept CPU memory; returns the bytes released."},
+     "Releases the kept CPU memory (and the CUDA copies of lengths no CUDA graph reads); "
+     "returns the CPU bytes released."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef gru_fused_module = {
     PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gru_fused_methods, nullptr, nullptr, nullptr,
     nullptr};
 
+#ifdef GRU_FUSED_WITH_CUDA
+// The CUDA step kernels' block tiles, as gru_kernel_params.h defines them, for the
+// resource report (benchmarks/kernel_resources.py): {phase: (units, rows, threads,
+// dynamic shared memory with float partial sums, with double)}.
+template <typename TileT>
+static PyObject* tile_info() {
+  using namespace gru_fused::cuda;
+  return Py_BuildValue("(iiinn)", TileT::kUnits, TileT::kRows, kThreads,
+                       static_cast<Py_ssize_t>(TileT::template smem_bytes<float>()),
+                       static_cast<Py_ssize_t>(TileT::template smem_bytes<double>()));
+}
+
+static PyObject* cuda_tiles() {
+  using namespace gru_fused::cuda;
+  // float and double partial sums use different row counts in the forward's tiles.
+  return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N}",
+                       "forward_fused[float]", tile_info<ForwardFusedTile<float>>(),
+                       "forward_fused[double]", tile_info<ForwardFusedTile<double>>(),
+                       "forward_reset[float]", tile_info<ForwardResetTile<float>>(),
+                       "forward_reset[double]", tile_info<ForwardResetTile<double>>(),
+                       "one_gate", tile_info<OneGateTile>());
+}
+#endif
+
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&gru_fused_module);
   if (m == nullptr) return nullptr;
 #ifdef GRU_FUSED_WITH_CUDA
   PyModule_AddObject(m, "CUDA_COMPILED", Py_NewRef(Py_True));
+  PyModule_AddObject(m, "CUDA_TILES", cuda_tiles());
 #else
   PyModule_AddObject(m, "CUDA_COMPILED", Py_NewRef(Py_False));
 #endif

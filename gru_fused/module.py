@@ -116,7 +116,7 @@ class FusedGRU(nn.RNNBase):
 
         x = input.transpose(0, 1) if self.batch_first else input  # [T, B, I]
         self._check_forward_args(x, hx, batch=x.size(1))
-        output, finals = self._run_layers(x, hx, lengths=None, rows=None)  # [T, B, D*H]
+        output, finals = self._run_layers(x, hx, lengths=None)  # [T, B, D*H]
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
@@ -152,15 +152,13 @@ class FusedGRU(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self._check_forward_args(data, hx, batch=B)
 
-        # Packed rows are time-major: step t holds sorted sequences 0..batch_sizes[t]-1.
-        # So the [T, B] mask "b < batch_sizes[t]", read in row-major order, lists exactly
-        # the packed rows, and its column sums are the lengths.
-        active = torch.arange(B) < batch_sizes.cpu().unsqueeze(1)  # [T, B]
-        lengths = active.sum(0)  # [B] int64, on the CPU as the op wants
-        rows = active.flatten().nonzero().squeeze(1).to(data.device)  # [N] in [0, T*B)
-        x = data.new_zeros(T * B, data.size(1)).index_copy(0, rows, data).view(T, B, -1)
-        output, finals = self._run_layers(x, hx, lengths=lengths, rows=rows)
-        out_data = output.reshape(T * B, -1).index_select(0, rows)  # [N, D*H]
+        # Packed <-> padded [T, B, .] with the ops torch.nn.utils.rnn uses: slices copied
+        # on the device, one per run of equal batch sizes, driven by batch_sizes on the
+        # host. No index tensor goes to the GPU (a blocking copy: a host synchronisation
+        # every call, and illegal inside CUDA graph capture).
+        x, lengths = torch._pad_packed_sequence(data, batch_sizes, False, 0.0, T)  # [B] CPU
+        output, finals = self._run_layers(x, hx, lengths=lengths)
+        out_data, _ = torch._pack_padded_sequence(output, lengths, False)  # [N, D*H]
         h_n = torch.stack(finals, 0)  # [L*D, B, H], sorted order
         return (PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices),
                 self.permute_hidden(h_n, unsorted_indices))
@@ -204,14 +202,14 @@ class FusedGRU(nn.RNNBase):
 
     def _run_layers(
         self, x: Tensor, hx: Optional[Tensor], lengths: Optional[Tensor],
-        rows: Optional[Tensor],
     ) -> Tuple[Tensor, List[Tensor]]:
         """The layer stack on x [T, B, I]; returns (output [T, B, D*H], L*D states [B, H]).
 
-        With lengths (packed input), x and every layer's output are padded [T, B, .];
-        the padding is never read, since the op keeps a sequence's state fixed at steps
-        past its length and starts its reverse direction at its own last step. rows [N]
-        lists the real positions in T*B, used only to apply dropout as nn.GRU does.
+        With lengths (packed input: [B] on the CPU, sorted by decreasing length), x and
+        every layer's output are padded [T, B, .]; the padding is never read, since the op
+        keeps a sequence's state fixed at steps past its length and starts its reverse
+        direction at its own last step. Dropout is applied to the packed rows only, as
+        nn.GRU does.
         """
         num_directions = 2 if self.bidirectional else 1
         # An exported eval-mode model is for inference: it captures the op that keeps no
@@ -235,23 +233,22 @@ class FusedGRU(nn.RNNBase):
                 finals.append(h)  # [B, H]
             layer_output = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_output = self._dropout(layer_output, rows)
+                layer_output = self._dropout(layer_output, lengths)
             layer_input = layer_output
         return layer_input, finals
 
-    def _dropout(self, y: Tensor, rows: Optional[Tensor]) -> Tensor:
+    def _dropout(self, y: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """Dropout between layers on y [T, B, D*H], drawing the same mask as nn.GRU.
 
-        nn.GRU drops out its packed data [N, D*H] for packed input and the whole
-        [T, B, D*H] tensor otherwise; doing the same consumes the RNG identically, so a
-        seeded FusedGRU drops the same units as a seeded nn.GRU.
+        nn.GRU drops out its packed data [N, D*H] for packed input (lengths given) and the
+        whole [T, B, D*H] tensor otherwise; doing the same consumes the RNG identically,
+        so a seeded FusedGRU drops the same units as a seeded nn.GRU.
         """
-        if rows is None:
+        if lengths is None:
             return F.dropout(y, self.dropout, training=True)
-        T, B, C = y.shape
-        kept = F.dropout(y.reshape(T * B, C).index_select(0, rows), self.dropout,
-                         training=True)
-        return y.new_zeros(T * B, C).index_copy(0, rows, kept).view(T, B, C)
+        packed, batch_sizes = torch._pack_padded_sequence(y, lengths, False)  # [N, C]
+        kept = F.dropout(packed, self.dropout, training=True)
+        return torch._pad_packed_sequence(kept, batch_sizes, False, 0.0, y.size(0))[0]
 
 
 class QuantizedDynamicFusedGRU(torch.ao.nn.quantized.dynamic.GRU):

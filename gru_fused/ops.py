@@ -429,8 +429,11 @@ def cached_bytes() -> int:
     - the workspace pool: at most 2 freed workspaces of 32 MiB or more (the saved
       [4, T, B, H] activations), each the size of one recently freed.
 
-    CUDA memory is not kept here: it goes through PyTorch's caching allocator
-    (``torch.cuda.empty_cache()``).
+    CUDA memory is not counted here: it goes through PyTorch's caching allocator
+    (``torch.cuda.empty_cache()``). The CUDA backend keeps one small thing of its own:
+    device copies of recently used ``lengths`` (at most 64 of B int64 each, plus those a
+    captured CUDA graph reads, kept for the graph's sake), so that packed input needs no
+    host synchronisation.
     """
     return int(_C.cached_bytes())
 
@@ -439,6 +442,7 @@ def empty_cache() -> int:
     """Releases the CPU memory counted by ``cached_bytes()``; returns the bytes released.
 
     A buffer still held by a live tensor (a workspace saved for a pending backward) is
-    freed when that tensor dies. Later calls simply allocate again.
+    freed when that tensor dies. Later calls simply allocate again. Also drops the CUDA
+    backend's device copies of ``lengths``, except those a captured CUDA graph reads.
     """
     return int(_C.empty_cache())

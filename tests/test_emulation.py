@@ -1,15 +1,28 @@
 """The CUDA kernels, executed on the CPU through the project's CUDA emulation layer.
 
-csrc/gru_kernels.cuh is compiled with g++ and -DGRU_EMULATE_CUDA (csrc/emu/cuda_emu.h),
+csrc/cuda/gru_kernels.cuh is compiled with g++ and -DGRU_EMULATE_CUDA (csrc/emu/cuda_emu.h),
 so every kernel the GPU build contains runs here, on machines with no GPU:
 
 - an emulation extension (tests/emu/emu_ops.cpp) registers the CUDA backend's step
-  loops for CPU tensors as torch.ops.gru_fused_emu.*; its results must match the CPU
-  backend, and a whole FusedGRU forward + backward is routed through it;
+  loops for CPU tensors as torch.ops.gru_fused_emu.*; in every dtype the kernels are
+  instantiated for, forward and backward, both formulas, their results must match the
+  CPU backend's, must not depend on the order of the blocks, and a whole FusedGRU
+  forward + backward is routed through them;
 - a torch-free program (tests/emu/sanitize_main.cpp) runs every kernel under
-  AddressSanitizer and ThreadSanitizer, and deliberately broken variants (a missing
-  barrier, an off-by-one read) must be caught by them.
+  AddressSanitizer and ThreadSanitizer, and deliberately broken variants must be
+  caught: a missing barrier and a race between blocks (ThreadSanitizer), an
+  off-by-one read (AddressSanitizer), a barrier that part of a block skips (the
+  emulator's barrier check);
+- a self-test (tests/emu/emu_selftest.cpp) proves each of the emulator's detectors on
+  toy kernels, independently of the GRU kernels.
+
+What the emulator models: blocks of a launch running concurrently (in seeded random
+order, in waves), every CUDA thread a fiber with __syncthreads() its only ordering,
+barrier divergence, shared memory sizes and limits. What it does not: warps, the GPU's
+weak memory ordering, co-residency and occupancy, timing, device floating point (see
+the top of csrc/emu/cuda_emu.h). A kernel that passes here can still fail on a GPU.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -35,7 +48,8 @@ def emu_ops(tmp_path_factory):
          extra_include_paths=[str(CSRC)],
          extra_cflags=["-O1", "-DGRU_EMULATE_CUDA", "-Wall", "-Werror"],
          build_directory=str(build), is_python_module=False, verbose=False)
-    return torch.ops.gru_fused_emu
+    yield torch.ops.gru_fused_emu
+    torch.ops.gru_fused_emu.set_seed(-1)
 
 
 def make(T, B, I, H, dtype, seed, lengths):
@@ -48,45 +62,145 @@ def make(T, B, I, H, dtype, seed, lengths):
     return x, hx, w_ih, w_hh, b_ih, b_hh, lens
 
 
-# H=37: two k-tiles and a partial unit tile; B=9: two batch tiles, one partial.
-SHAPES = [(3, 5, 4, 37), (2, 9, 3, 8), (1, 1, 2, 3), (4, 2, 6, 33)]
+# The kernels' block tiles have 8 or 16 units and 4 or 8 batch rows, and reduce in
+# chunks of 128: H=37 several unit tiles, one partial; B=9, 5: partial row tiles; H=67,
+# B=9 several blocks in both grid dimensions, 3H=201 two chunks in the backward.
+SHAPES = [(3, 5, 4, 37), (2, 9, 3, 8), (1, 1, 2, 3), (4, 2, 6, 33), (3, 9, 5, 67)]
+
+# Emulated kernels against the CPU backend, both in the same dtype. Both round the same
+# inputs and compute in the same accumulate type (float for half and bfloat16), so they
+# differ only by summation order, and by the roundings to the storage dtype that such a
+# difference flips (a state or gate value one ulp apart, carried on through the steps).
+# Measured worst case over the SHAPES matrix, relative to |expected| + 1: float64
+# ~14 eps, float32 ~7 eps, float16 ~1.5 eps, bfloat16 ~1.7 eps. The tolerances allow
+# 4.5x that or more, and the formula check below shows they still fail a wrong gate
+# formula by a wide margin.
+EPS = {dt: torch.finfo(dt).eps for dt in (torch.float64, torch.float32, torch.float16,
+                                          torch.bfloat16)}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 8 * EPS[torch.float16],
+       torch.bfloat16: 8 * EPS[torch.bfloat16]}
+DTYPES = list(TOL)
+DTYPE_IDS = ["float64", "float32", "float16", "bfloat16"]
+
+FORWARD_NAMES = ["output", "h_n", "workspace"]
+BACKWARD_NAMES = ["grad_input", "grad_hx", "grad_weight_ih", "grad_weight_hh", "grad_bias_ih",
+                  "grad_bias_hh"]
+
+
+def run_both(ops, x, hx, w_ih, w_hh, b_ih, b_hh, lens, reset_after, reverse, seed=0):
+    """Forward, then backward with fixed random output gradients, through `ops`; the
+    backward is fed the CPU backend's forward (the saved workspace the emulator reads is
+    then identical). Returns the 3 forward and the 6 backward outputs."""
+    fwd = (x, hx, w_ih, w_hh, b_ih, b_hh, lens, reset_after, reverse)
+    ref = torch.ops.gru_fused.gru_forward(*fwd)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(ref[0].shape, generator=g, dtype=torch.float64).to(x.dtype)
+    gh = torch.randn(ref[1].shape, generator=g, dtype=torch.float64).to(x.dtype)
+    bwd = (go, gh, x, hx, w_ih, w_hh, ref[0], ref[2], lens, True, reset_after, reverse,
+           [True] * 6)
+    return list(ops.gru_forward(*fwd)) + list(ops.gru_backward(*bwd))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T%dB%dI%dH%d" % s)
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [False, True])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_emulated_kernels_match_cpu(emu_ops, shape, reset_after, reverse, lengths, dtype, tol):
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_emulated_kernels_match_cpu(emu_ops, shape, reset_after, reverse, lengths, dtype):
     """Forward outputs, the saved workspace and every backward output equal the CPU
-    backend's (float64: to rounding; float32: the kernels sum in another order)."""
-    x, hx, w_ih, w_hh, b_ih, b_hh, lens = make(*shape, dtype, seed=sum(shape), lengths=lengths)
-    fwd_args = (x, hx, w_ih, w_hh, b_ih, b_hh, lens, reset_after, reverse)
-    want = torch.ops.gru_fused.gru_forward(*fwd_args)
-    got = emu_ops.gru_forward(*fwd_args)
-    for name, g, w in zip(["output", "h_n", "workspace"], got, want):
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-
-    go, gh = torch.randn_like(want[0]), torch.randn_like(want[1])
-    bwd = (go, gh, x, hx, w_ih, w_hh, want[0], want[2], lens, True, reset_after, reverse,
-           [True] * 6)
-    names = ["grad_input", "grad_hx", "grad_weight_ih", "grad_weight_hh", "grad_bias_ih",
-             "grad_bias_hh"]
-    for name, g, w in zip(names, emu_ops.gru_backward(*bwd), torch.ops.gru_fused.gru_backward(*bwd)):
+    backend's, in every dtype the kernels are instantiated for (tolerances: TOL)."""
+    args = make(*shape, dtype, seed=sum(shape), lengths=lengths)
+    got = run_both(emu_ops, *args, reset_after, reverse)
+    want = run_both(torch.ops.gru_fused, *args, reset_after, reverse)
+    tol = TOL[dtype]
+    for name, g, w in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want):
+        assert g.dtype == dtype, name
         torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_emulated_reduced_precision(emu_ops, dtype):
-    """The half/bfloat16 instantiations (float accumulation) against float64."""
-    x, hx, w_ih, w_hh, b_ih, b_hh, _ = make(5, 3, 4, 40, torch.float64, seed=3, lengths=False)
-    exact = torch.ops.gru_fused.gru_forward(x, hx, w_ih, w_hh, b_ih, b_hh, None, True, False)
-    low = [t.to(dtype) for t in (x, hx, w_ih, w_hh, b_ih, b_hh)]
-    got = emu_ops.gru_forward(*low, None, True, False)
-    assert got[0].dtype == dtype
-    err = (got[0].double() - exact[0]).abs().max().item()
-    # Inputs are rounded to 8 (bf16) or 11 (fp16) mantissa bits; the state stays O(1).
-    assert err < (0.05 if dtype == torch.bfloat16 else 0.01), err
+def gru_reference(x, hx, w_ih, w_hh, b_ih, b_hh, reset_after, mistake=None):
+    """nn.GRU's formulas in plain float64 torch (autograd gives the backward), or the same
+    with one deliberate mistake: the kind of bug a kernel could have."""
+    H = hx.shape[1]
+    h, outs = hx, []
+    for x_t in x:
+        gi = x_t @ w_ih.T + b_ih
+        gh_rz = h @ w_hh[:2 * H].T + b_hh[:2 * H]
+        r = torch.sigmoid(gi[:, :H] + gh_rz[:, :H])
+        z = torch.sigmoid(gi[:, H:2 * H] + gh_rz[:, H:])
+        if mistake == "r_and_z_swapped":
+            r, z = z, r
+        w_hn, b_hn = w_hh[2 * H:], b_hh[2 * H:]
+        if reset_after:
+            hn = h @ w_hn.T + (0 if mistake == "b_hn_dropped" else b_hn)
+            n = torch.tanh(gi[:, 2 * H:] + r * hn)
+        else:
+            n = torch.tanh(gi[:, 2 * H:] + (r * h) @ w_hn.T + b_hn)
+        h = (z * n + (1 - z) * h) if mistake == "update_inverted" else (1 - z) * n + z * h
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_low_precision_tolerances_catch_wrong_formulas(dtype, reset_after):
+    """TOL is tight enough to fail a wrong gate formula: the CPU backend's forward output
+    and grad_weight_hh in the dtype, against the float64 formulas with a deliberate
+    mistake (rounded to the dtype), must fail assert_close at TOL[dtype], and pass it
+    against the right formula. Measured: the right formula within 0.4 TOL (the inputs,
+    and h at every step, are rounded to the dtype), the wrong ones 11 TOL away or more."""
+    x, hx, w_ih, w_hh, b_ih, b_hh, _ = make(3, 5, 4, 37, dtype, seed=7, lengths=False)
+    fwd = torch.ops.gru_fused.gru_forward(x, hx, w_ih, w_hh, b_ih, b_hh, None, reset_after,
+                                          False)
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(fwd[0].shape, generator=g, dtype=torch.float64).to(dtype)
+    gh = torch.randn(fwd[1].shape, generator=g, dtype=torch.float64).to(dtype)
+    grads = torch.ops.gru_fused.gru_backward(go, gh, x, hx, w_ih, w_hh, fwd[0], fwd[2], None,
+                                             True, reset_after, False, [True] * 6)
+    got = {"output": fwd[0], "grad_weight_hh": grads[3]}
+
+    def reference(mistake):
+        w = w_hh.double().requires_grad_()
+        out, h_n = gru_reference(x.double(), hx.double(), w_ih.double(), w, b_ih.double(),
+                                 b_hh.double(), reset_after, mistake)
+        ((out * go.double()).sum() + (h_n * gh.double()).sum()).backward()
+        return {"output": out.detach().to(dtype), "grad_weight_hh": w.grad.to(dtype)}
+
+    tol = TOL[dtype]
+    right = reference(None)
+    for name in got:
+        torch.testing.assert_close(got[name], right[name], rtol=tol, atol=tol,
+                                   msg=lambda m: f"{name} vs the right formula: {m}")
+    mistakes = ["r_and_z_swapped", "update_inverted"] + (["b_hn_dropped"] if reset_after else [])
+    for mistake in mistakes:
+        wrong = reference(mistake)
+        for name in got:
+            with pytest.raises(AssertionError):
+                torch.testing.assert_close(got[name], wrong[name], rtol=tol, atol=tol)
+    # The other formula is a wrong formula too.
+    other = torch.ops.gru_fused.gru_forward(x, hx, w_ih, w_hh, b_ih, b_hh, None,
+                                            not reset_after, False)[0]
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got["output"], other, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_results_do_not_depend_on_block_order(emu_ops, dtype, reset_after):
+    """Three seeds of the emulator's block and thread order give bitwise-equal forward and
+    backward results: every output element has one writer that sums in a fixed order.
+    H=67, B=9: every kernel's grid has several blocks in both dimensions."""
+    args = make(3, 9, 5, 67, dtype, seed=11, lengths=True)
+    results = []
+    try:
+        for seed in (1, 2, 12345):
+            emu_ops.set_seed(seed)
+            results.append(run_both(emu_ops, *args, reset_after, reverse=True))
+    finally:
+        emu_ops.set_seed(-1)
+    for other in results[1:]:
+        for name, a, b in zip(FORWARD_NAMES + BACKWARD_NAMES, results[0], other):
+            assert torch.equal(a, b), name
 
 
 @pytest.fixture
@@ -145,39 +259,135 @@ def test_emulated_routing_is_undone(emu_ops):
     assert not any("gru_fused_emu" in e.name for e in prof.function_events)
 
 
-# --- sanitizers ----------------------------------------------------------------------------
+# --- torch-free programs under the sanitizers ------------------------------------------
 
-def build_and_run(tmp_path, sanitizer, *defines):
+# name: (source, sanitizer or None, planted fault or None)
+PROGRAMS = {
+    "kernels_address": ("sanitize_main.cpp", "address", None),
+    "kernels_thread": ("sanitize_main.cpp", "thread", None),
+    "missing_barrier": ("sanitize_main.cpp", "thread", "GRU_FAULT_MISSING_BARRIER"),
+    "cross_block_race": ("sanitize_main.cpp", "thread", "GRU_FAULT_CROSS_BLOCK_RACE"),
+    "off_by_one": ("sanitize_main.cpp", "address", "GRU_FAULT_OFF_BY_ONE"),
+    "divergent_barrier": ("sanitize_main.cpp", None, "GRU_FAULT_DIVERGENT_BARRIER"),
+    "selftest_thread": ("emu_selftest.cpp", "thread", None),
+    "selftest_address": ("emu_selftest.cpp", "address", None),
+}
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    """Builds every program of PROGRAMS, on all cores at once (each takes seconds);
+    returns name -> executable, or the compiler's complaint."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.fail("no C++ compiler (g++) on PATH: the sanitizer tests need one")
-    exe = tmp_path / f"sanitize_{sanitizer}"
-    cmd = [cxx, "-std=c++17", "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer",
-           "-DGRU_EMULATE_CUDA", *[f"-D{d}" for d in defines], f"-I{CSRC}",
-           str(EMU / "sanitize_main.cpp"), "-o", str(exe), "-pthread"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = tmp_path_factory.mktemp("emu_programs")
+
+    def build(name):
+        source, sanitizer, fault = PROGRAMS[name]
+        exe = out / name
+        cmd = [cxx, "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall",
+               "-DGRU_EMULATE_CUDA", f"-I{CSRC}", str(EMU / source), "-o", str(exe), "-pthread"]
+        if sanitizer:
+            cmd.append(f"-fsanitize={sanitizer}")
+        # Warnings fail the clean builds; a planted fault is deliberately broken code.
+        cmd.append(f"-D{fault}" if fault else "-Werror")
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        return exe if done.returncode == 0 else f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return dict(zip(PROGRAMS, pool.map(build, PROGRAMS)))
+
+
+def run_program(programs, name, *args):
+    exe = programs[name]
+    if not isinstance(exe, Path):
+        pytest.fail(f"building {name} failed:\n{exe}")
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1")
-    return subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=600)
+    env.pop("GRU_EMU_SEED", None)
+    env.pop("GRU_EMU_WAVE_THREADS", None)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
 
 
-@pytest.mark.parametrize("sanitizer,report", [("address", "ERROR: AddressSanitizer"),
-                                              ("thread", "WARNING: ThreadSanitizer")])
-def test_kernels_clean_under_sanitizer(tmp_path, sanitizer, report):
-    run = build_and_run(tmp_path, sanitizer)
-    assert report not in run.stderr, run.stderr[-4000:]
+def test_kernels_clean_under_address_sanitizer(programs):
+    """Every kernel, all configurations, values and block-order independence checked."""
+    run = run_program(programs, "kernels_address")
+    assert "ERROR: AddressSanitizer" not in run.stderr, run.stderr[-4000:]
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "48 configurations checked, 0 failures" in run.stdout
+    assert "80 configurations checked, 0 failures" in run.stdout
 
 
-def test_thread_sanitizer_catches_missing_barrier(tmp_path):
-    run = build_and_run(tmp_path, "thread", "GRU_FAULT_MISSING_BARRIER")
+def test_kernels_clean_under_thread_sanitizer(programs):
+    """Every kernel, all configurations (one block order each: --quick)."""
+    run = run_program(programs, "kernels_thread", "--quick")
+    assert "WARNING: ThreadSanitizer" not in run.stderr, run.stderr[-4000:]
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "80 configurations checked, 0 failures" in run.stdout
+
+
+def test_thread_sanitizer_catches_missing_barrier(programs):
+    """A barrier removed from the matmul: a race between threads of one block."""
+    run = run_program(programs, "missing_barrier", "--quick")
     assert run.returncode != 0
     assert "WARNING: ThreadSanitizer: data race" in run.stderr
-    assert "matmul_w_rows" in run.stderr  # the tile loop whose barrier was removed
+    assert "block_matmul" in run.stderr  # the tile loop whose barrier was removed
 
 
-def test_address_sanitizer_catches_off_by_one(tmp_path):
-    run = build_and_run(tmp_path, "address", "GRU_FAULT_OFF_BY_ONE")
+def test_thread_sanitizer_catches_cross_block_race(programs):
+    """The candidate kernel overwrites r h that other blocks of the launch still read: a
+    race between blocks, seen because the blocks of a launch run concurrently."""
+    run = run_program(programs, "cross_block_race", "--quick")
+    assert run.returncode != 0
+    assert "WARNING: ThreadSanitizer: data race" in run.stderr
+    assert "forward_step_kernel" in run.stderr
+
+
+def test_address_sanitizer_catches_off_by_one(programs):
+    run = run_program(programs, "off_by_one")
     assert run.returncode != 0
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in run.stderr
-    assert "matmul_w_rows" in run.stderr
+    assert "block_matmul" in run.stderr
+
+
+def test_emulator_catches_divergent_barrier(programs):
+    """Threads of a partial tile return before the matmul's barriers: the launch fails,
+    naming the barrier's line and the threads, instead of passing (or hanging)."""
+    run = run_program(programs, "divergent_barrier")
+    assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "launch failed: gru_emu: divergent __syncthreads() at " in run.stdout
+    assert "gru_kernels.cuh:" in run.stdout
+    assert "returned without reaching it" in run.stdout
+
+
+# mode: (program, expected exit status, text expected in stdout + stderr)
+SELFTEST = {
+    "clean": ("selftest_thread", 0, "emu_selftest clean: 0 failures"),
+    "divergent_site": ("selftest_thread", 3,
+                       "__syncthreads() reached from different source lines in one generation"),
+    "early_return": ("selftest_thread", 3, "returned without reaching it"),
+    "uneven_loop": ("selftest_thread", 3, "returned without reaching it"),
+    "missing_barrier": ("selftest_thread", 66, "WARNING: ThreadSanitizer: data race"),
+    "cross_block_race": ("selftest_thread", 66, "WARNING: ThreadSanitizer: data race"),
+    "smem_over_default": ("selftest_thread", 3, "over the 49152-byte limit a block gets "
+                                                "without opting in"),
+    "smem_over_opt_in": ("selftest_thread", 3, "over the 102400-byte limit the kernel opted in"),
+    "opt_in_too_big": ("selftest_thread", 3, "over the 232448 bytes a block may have"),
+    "block_too_big": ("selftest_thread", 3, "block (1025,1,1) of 1025 threads"),
+    "address_clean": ("selftest_address", 0, "emu_selftest clean: 0 failures"),
+    "stack_overflow": ("selftest_address", 1, "ERROR: AddressSanitizer: stack-buffer-overflow"),
+}
+
+
+@pytest.mark.parametrize("case", SELFTEST)
+def test_emulator_detectors_on_toy_kernels(programs, case):
+    """Each detector of the emulator, on toy kernels (tests/emu/emu_selftest.cpp): a clean
+    kernel passes silently; each broken one is caught, with a message that says what."""
+    program, status, text = SELFTEST[case]
+    mode = "clean" if case == "address_clean" else case
+    run = run_program(programs, program, mode)
+    output = run.stdout + run.stderr
+    assert run.returncode == status, output[-3000:]
+    assert text in output, output[-3000:]
+    if status == 0:
+        assert "Sanitizer" not in output, output[-3000:]

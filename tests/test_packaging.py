@@ -48,7 +48,7 @@ def _setup_sources():
 
 def _local_includes(path: Path):
     """The files that path's `#include "..."` lines name (whatever the #if around them),
-    resolved as the compiler does: beside the file, then in csrc/ (the -I of the tests)."""
+    resolved as the compiler does: beside the file, then in csrc/ (the build's -I)."""
     found = []
     for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', path.read_text(), re.MULTILINE):
         for base in (path.parent, ROOT / "csrc"):
@@ -150,7 +150,7 @@ def test_build_reads_only_csrc():
     sources = [ROOT / s for s in _setup_sources()]
     assert {s.relative_to(ROOT).as_posix() for s in sources} == {
         p.relative_to(ROOT).as_posix()
-        for p in list((ROOT / "csrc").glob("*.cpp")) + list((ROOT / "csrc").glob("*.cu"))}
+        for p in list((ROOT / "csrc").rglob("*.cpp")) + list((ROOT / "csrc").rglob("*.cu"))}
     seen, todo = set(), [s.resolve() for s in sources]
     while todo:
         path = todo.pop()

@@ -1,13 +1,15 @@
-// Test-only extension: the CUDA backend's step loops (csrc/gru_device_loops.h, the very
+// Test-only extension: the CUDA backend's step loops (csrc/cuda/gru_device_loops.h, the very
 // kernels nvcc compiles) run on CPU tensors through the emulation layer, registered as
-// torch.ops.gru_fused_emu.gru_forward / gru_backward with the schemas of gru_fused's ops.
-// Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
+// torch.ops.gru_fused_emu.gru_forward / gru_backward with the schemas of gru_fused's ops,
+// and torch.ops.gru_fused_emu.set_seed(seed): the seed of the emulator's block and thread
+// order for the launches that follow (a negative seed: back to GRU_EMU_SEED or the
+// default). Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
 #ifndef GRU_EMULATE_CUDA
 #error "build with -DGRU_EMULATE_CUDA"
 #endif
 #include <torch/library.h>
 
-#include "gru_device_loops.h"
+#include "cuda/gru_device_loops.h"
 #include "schemas.h"
 
 namespace gru_fused {
@@ -36,11 +38,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                            &backward_loop_emu);
 }
 
+void set_seed(int64_t seed) {
+  if (seed < 0) gru_emu::clear_seed();
+  else gru_emu::set_seed(static_cast<uint64_t>(seed));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gru_fused_emu, m) {
   m.def(kForwardSchema);
   m.def(kBackwardSchema);
+  m.def("set_seed(int seed) -> ()", &set_seed);
 }
 
 TORCH_LIBRARY_IMPL(gru_fused_emu, CPU, m) {

@@ -1,20 +1,34 @@
-// Runs every CUDA kernel of csrc/gru_kernels.cuh through the emulation layer, with no
-// torch at all, so the whole program can be built with -fsanitize=address or
-// -fsanitize=thread. tests/test_emulation.py builds and runs it:
+// Runs every CUDA kernel of csrc/cuda/gru_kernels.cuh through the emulation layer
+// (csrc/emu/cuda_emu.h), with no torch at all, so the whole program can be built with
+// -fsanitize=address or -fsanitize=thread. tests/test_emulation.py builds and runs it:
 //   - clean: both sanitizers must stay silent and every check below must pass;
 //   - with -DGRU_FAULT_MISSING_BARRIER, ThreadSanitizer must report a data race;
-//   - with -DGRU_FAULT_OFF_BY_ONE, AddressSanitizer must report an overflow.
+//   - with -DGRU_FAULT_OFF_BY_ONE, AddressSanitizer must report an overflow;
+//   - with -DGRU_FAULT_CROSS_BLOCK_RACE (one block overwrites what other blocks of the
+//     same launch read), ThreadSanitizer must report a data race: the emulator runs the
+//     blocks of a launch concurrently;
+//   - with -DGRU_FAULT_DIVERGENT_BARRIER (threads of a partial tile return before the
+//     matmul's barriers), the emulator's barrier must fail the launch; this program then
+//     prints "launch failed: <why>" and exits with 3.
 // Every buffer is its own exactly-sized allocation, so an overrun leaves it.
 //
 // Checks: the forward output against a direct scalar implementation of the formulas,
-// and the backward (dL/dgi, dL/dhx, dL/dW_hh, dL/db_hn) against central finite
-// differences of that implementation along a random direction (float64).
+// the backward (dL/dgi, dL/dhx, dL/dW_hh, dL/db_hn) against central finite differences
+// of that implementation along a random direction (float64), and that the results do
+// not depend on the order of the blocks (GRU_EMU_SEED's order and another one give the
+// same bits; not with --quick).
+//
+// What this cannot see: anything the emulator does not model (warps, the GPU's weak
+// memory ordering, co-residency, timing; see cuda_emu.h), and races between blocks
+// that run in different waves of a launch.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <exception>
 #include <random>
 #include <vector>
 
-#include "gru_kernels.cuh"
+#include "cuda/gru_kernels.cuh"
 
 using namespace gru_fused::cuda;
 using gru_fused::kSlotHn;
@@ -32,6 +46,7 @@ struct Inputs {
 };
 
 int failures = 0;
+bool quick = false;  // --quick: no second run in another block order (ThreadSanitizer)
 
 void expect(bool ok, const char* what, const Problem& p, double err) {
   if (!ok) {
@@ -102,23 +117,70 @@ void check(const Problem& p, const Inputs& in, std::mt19937& rng) {
   // Kernel inputs and outputs, each its own exact allocation.
   std::vector<S> gi = cast<S>(in.gi), hx = cast<S>(in.hx), w = cast<S>(in.w);
   std::vector<S> b_hn = cast<S>(in.b_hn), go_s = cast<S>(go), gh_s = cast<S>(gh);
-  std::vector<S> out(T * B * H), ws(4 * T * B * H), dG(T * B * G), grad_hx(B * H);
-  std::vector<S> dGh(p.reset_after ? T * B * G : 0);
-  std::vector<S> dh_direct(B * H);
-
-  ForwardParams<S> fp{gi.data(), hx.data(), w.data(), p.reset_after ? b_hn.data() : nullptr,
-                      p.lengths ? in.len.data() : nullptr, out.data(), ws.data(), T, B, H,
-                      p.reverse};
-  BackwardParams<S, S> bp{go_s.data(), gh_s.data(), hx.data(), w.data(), out.data(),
-                          ws.data(), dG.data(), p.reset_after ? dGh.data() : dG.data(),
-                          dh_direct.data(), grad_hx.data(), T, B, H, p.reverse};
-  if (p.reset_after) {
-    forward_steps<S, S, true>(fp, nullptr);
-    backward_steps<S, S, true>(bp, nullptr);
-  } else {
-    forward_steps<S, S, false>(fp, nullptr);
-    backward_steps<S, S, false>(bp, nullptr);
-  }
+  std::vector<S> w_t(G * H);  // W_hh^T [H, 3H], which the backward reads
+  for (int row = 0; row < G; ++row)
+    for (int k = 0; k < H; ++k) w_t[k * G + row] = w[row * H + k];
+  struct Results {
+    std::vector<S> out, ws, dG, dGh, grad_hx, dh_direct;
+  };
+  // Forward and backward; the blocks of every launch in the order the emulator draws
+  // (from GRU_EMU_SEED), or from `seed` if not 0.
+  auto run = [&](uint64_t seed) {
+    if (seed != 0) gru_emu::set_seed(seed);
+    Results r{std::vector<S>(T * B * H), std::vector<S>(4 * T * B * H),
+              std::vector<S>(T * B * G), std::vector<S>(p.reset_after ? T * B * G : 0),
+              std::vector<S>(B * H), std::vector<S>(B * H)};
+    ForwardParams<S> fp{};
+    fp.gi = gi.data();
+    fp.hx = hx.data();
+    fp.w_hh = w.data();
+    fp.b_hn = p.reset_after ? b_hn.data() : nullptr;
+    fp.lengths = p.lengths ? in.len.data() : nullptr;
+    fp.output = r.out.data();
+    fp.workspace = r.ws.data();
+    fp.T = T;
+    fp.B = B;
+    fp.H = H;
+    fp.ws_steps = T;
+    fp.reverse = p.reverse;
+    BackwardParams<S, S> bp{};
+    bp.grad_output = go_s.data();
+    bp.grad_h_n = gh_s.data();
+    bp.hx = hx.data();
+    bp.w_hh_t = w_t.data();
+    bp.output = r.out.data();
+    bp.workspace = r.ws.data();
+    bp.dG = r.dG.data();
+    bp.dGh = p.reset_after ? r.dGh.data() : r.dG.data();
+    bp.dh_direct = r.dh_direct.data();
+    bp.grad_hx = r.grad_hx.data();
+    bp.T = T;
+    bp.B = B;
+    bp.H = H;
+    bp.reverse = p.reverse;
+    if (p.reset_after) {
+      forward_steps<S, S, true>(fp, nullptr);
+      backward_steps<S, S, true>(bp, nullptr);
+    } else {
+      forward_steps<S, S, false>(fp, nullptr);
+      backward_steps<S, S, false>(bp, nullptr);
+    }
+    if (seed != 0) gru_emu::clear_seed();
+    return r;
+  };
+  const Results res = run(0);
+  const std::vector<S>&out = res.out, &ws = res.ws, &dG = res.dG, &dGh = res.dGh,
+                        &grad_hx = res.grad_hx;
+  // Another block order gives the same bits: every output element has one writer
+  // that sums in a fixed order, whatever the order of the blocks.
+  const uint64_t other_seed = gru_emu::env_u64("GRU_EMU_SEED", gru_emu::kDefaultSeed) + 1;
+  const Results again = quick ? res : run(other_seed);
+  auto same = [](const std::vector<S>& a, const std::vector<S>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(S)) == 0;
+  };
+  expect(same(out, again.out) && same(ws, again.ws) && same(dG, again.dG) &&
+             same(dGh, again.dGh) && same(grad_hx, again.grad_hx),
+         "results depend on the block order", p, 0);
 
   const double tol = sizeof(S) == 8 ? 1e-10 : 1e-4;
   std::vector<double> want;
@@ -165,12 +227,23 @@ void check(const Problem& p, const Inputs& in, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  for (int a = 1; a < argc; ++a) {
+    if (std::strcmp(argv[a], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
   std::mt19937 rng(1234);
   std::normal_distribution<double> normal;
   int runs = 0;
-  // H = 37 spans two k-tiles and a partial unit tile; B = 9 a partial batch tile.
-  const int shapes[][3] = {{3, 5, 37}, {2, 9, 8}, {1, 1, 3}};
+  // Partial tiles everywhere (the tiles have 8 or 16 units and 4 or 8 rows, chunks of
+  // 128 k): H = 37 several unit tiles; B = 9 and 5 partial row tiles; H = 67, B = 9
+  // several blocks in both grid dimensions, so blocks of one launch meet in a wave;
+  // H = 130 (3H = 390) several k chunks.
+  const int shapes[][3] = {{3, 5, 37}, {2, 9, 8}, {1, 1, 3}, {2, 9, 67}, {2, 3, 130}};
   for (const auto& s : shapes)
     for (int variant = 0; variant < 8; ++variant) {
       Problem p{s[0], s[1], s[2], bool(variant & 1), bool(variant & 2), bool(variant & 4)};
@@ -186,8 +259,15 @@ int main() {
       fill(in.b_hn, H, 1.0);
       in.len.resize(B);
       for (int b = 0; b < B; ++b) in.len[b] = (b * 7 + 1) % (T + 1);  // 0..T, mixed
-      check<double>(p, in, rng);
-      check<float>(p, in, rng);
+      try {
+        check<double>(p, in, rng);
+        check<float>(p, in, rng);
+      } catch (const std::exception& e) {  // the emulator's launch checks
+        std::printf("launch failed: %s\n", e.what());
+        std::printf("  in T=%d B=%d H=%d reset_after=%d reverse=%d lengths=%d\n", p.T, p.B,
+                    p.H, p.reset_after, p.reverse, p.lengths);
+        return 3;
+      }
       runs += 2;
     }
   std::printf("sanitize_main: %d configurations checked, %d failures\n", runs, failures);

@@ -7,7 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "gru_kernels.cuh"
+#include "cuda/gru_kernels.cuh"
 
 namespace gru_fused {
 namespace cuda {

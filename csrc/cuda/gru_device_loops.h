@@ -9,11 +9,11 @@
 
 #include "gru.h"
 #if defined(__CUDACC__) || defined(GRU_EMULATE_CUDA)
-#include "gru_kernels.cuh"  // the kernels and launch loops, compiled along
+#include "cuda/gru_kernels.cuh"  // the kernels and launch loops, compiled along
 #else
 // The host compiler, for the GPU: the launch loops are declared here and compiled by
 // nvcc, for every dtype dispatched below, in gru_cuda.cu.
-#include "gru_kernel_params.h"
+#include "cuda/gru_kernel_params.h"
 #endif
 
 namespace gru_fused {
@@ -22,8 +22,10 @@ namespace cuda {
 inline void check_launchable(int64_t T, int64_t B, int64_t H) {
   constexpr int64_t kMaxInt = 2147483647;
   TORCH_CHECK(T <= kMaxInt && H <= kMaxInt / 3, "gru_fused: T and 3H must fit in int32");
-  TORCH_CHECK(B <= int64_t(65535) * kTileB, "gru_fused (CUDA): batch size ", B,
-              " exceeds the kernels' grid limit of ", int64_t(65535) * kTileB);
+  // The grid's y dimension (at most 65535) counts tiles of rows; the smallest has 4.
+  constexpr int64_t kMaxB = int64_t(65535) * OneGateTile::kRows;
+  TORCH_CHECK(B <= kMaxB, "gru_fused (CUDA): batch size ", B,
+              " exceeds the kernels' grid limit of ", kMaxB);
 }
 
 inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
@@ -45,6 +47,7 @@ inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
     p.T = static_cast<int>(T);
     p.B = static_cast<int>(B);
     p.H = static_cast<int>(H);
+    p.ws_steps = static_cast<int>(a.workspace.size(1));  // T, or 1 for gru_inference
     p.reverse = a.reverse;
     if (a.reset_after) forward_steps<scalar_t, acc_t, true>(p, stream);
     else forward_steps<scalar_t, acc_t, false>(p, stream);
@@ -59,11 +62,14 @@ inline void backward_loop_device(const BackwardLoopArgs& a, gru_stream_t stream)
     using acc_t = at::opmath_type<scalar_t>;
     // dL/dh_prev's direct share, carried from step to step in acc_t; allocated once here.
     at::Tensor dh_direct = at::empty({B, H}, a.dG.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    // [H, 3H]: the backward's matmuls read W_hh by columns; transposed, by rows (a
+    // fresh copy, or weight_hh itself when that is already W_hh^T's storage: only read).
+    const at::Tensor w_hh_t = a.weight_hh.t().contiguous();
     BackwardParams<scalar_t, acc_t> p;
     p.grad_output = a.grad_output.data_ptr<scalar_t>();
     p.grad_h_n = a.grad_h_n.data_ptr<scalar_t>();
     p.hx = a.hx.data_ptr<scalar_t>();
-    p.w_hh = a.weight_hh.data_ptr<scalar_t>();
+    p.w_hh_t = w_hh_t.data_ptr<scalar_t>();
     p.output = a.output.data_ptr<scalar_t>();
     p.workspace = a.workspace.data_ptr<scalar_t>();
     p.dG = a.dG.data_ptr<scalar_t>();
