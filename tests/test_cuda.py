@@ -48,8 +48,10 @@ def _assert_all_close(got, want, **tol):
 
 @contextlib.contextmanager
 def _sync_is_an_error():
-    """torch.cuda.set_sync_debug_mode("error") for the duration: any synchronising CUDA
-    call PyTorch makes (a blocking copy, .item(), nonzero, ...) raises."""
+    """torch.cuda.set_sync_debug_mode("error") for the duration: a synchronising call
+    made through PyTorch (a blocking copy, .item(), nonzero, ...) raises. It cannot see
+    a raw CUDA runtime call inside an extension (cudaStreamSynchronize and the like): the
+    CUDA graph captures below are the check for those."""
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -232,7 +234,8 @@ def test_no_host_sync_with_lengths_cuda(cuda_device):
     """gru() with padded lengths, forward and backward, under
     torch.cuda.set_sync_debug_mode("error"): lengths seen before (a cached device copy),
     lengths new (a pinned, asynchronous copy) and the inference op all run without a
-    synchronising call. One warm-up call first: lazy initialisation may synchronise."""
+    synchronising call that PyTorch sees (the old blocking .to(device) of lengths was
+    one). One warm-up call first: lazy initialisation may synchronise."""
     T, B, I, H = 6, 4, 3, 11
     params = _params(I, H, cuda_device)
     x = torch.randn(T, B, I, device=cuda_device, requires_grad=True)

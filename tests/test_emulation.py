@@ -63,9 +63,12 @@ def make(T, B, I, H, dtype, seed, lengths):
 
 
 # The kernels' block tiles have 8 or 16 units and 4 or 8 batch rows, and reduce in
-# chunks of 128: H=37 several unit tiles, one partial; B=9, 5: partial row tiles; H=67,
-# B=9 several blocks in both grid dimensions, 3H=201 two chunks in the backward.
-SHAPES = [(3, 5, 4, 37), (2, 9, 3, 8), (1, 1, 2, 3), (4, 2, 6, 33), (3, 9, 5, 67)]
+# chunks of 128 k (forward r, z, n) or 256 (one-gate kernels, the backward): H=37 several
+# unit tiles, one partial; B=9, 5: partial row tiles; H=67, B=9 several blocks in both
+# grid dimensions; H=300 several chunks, the last partial, in every kernel (K = H, 2H
+# or 3H; 128 or 256 per chunk): the double-buffered loop.
+SHAPES = [(3, 5, 4, 37), (2, 9, 3, 8), (1, 1, 2, 3), (4, 2, 6, 33), (3, 9, 5, 67),
+          (2, 3, 4, 300)]
 
 # Emulated kernels against the CPU backend, both in the same dtype. Both round the same
 # inputs and compute in the same accumulate type (float for half and bfloat16), so they
@@ -116,6 +119,22 @@ def test_emulated_kernels_match_cpu(emu_ops, shape, reset_after, reverse, length
     for name, g, w in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want):
         assert g.dtype == dtype, name
         torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 5, 67), (2, 3, 4, 300)], ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_emulated_inference_keeps_one_step(emu_ops, shape, reset_after, reverse, lengths):
+    """gru_inference as the CUDA backend runs it: every step reuses one step's workspace
+    slots (ws_steps = 1; reset_before's candidate reads r h from that one slot). Its
+    output and h_n are the bits of gru_forward's, which keeps all T steps."""
+    args = make(*shape, torch.float32, seed=sum(shape), lengths=lengths)
+    fwd = emu_ops.gru_forward(*args, reset_after, reverse)
+    got = emu_ops.gru_inference(*args, reset_after, reverse)
+    assert fwd[2].shape[1] == shape[0]  # the forward kept T steps of slots
+    for name, g, w in zip(["output", "h_n"], got, fwd[:2]):
+        assert torch.equal(g, w), name
 
 
 def gru_reference(x, hx, w_ih, w_hh, b_ih, b_hh, reset_after, mistake=None):

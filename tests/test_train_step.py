@@ -184,6 +184,31 @@ def test_cuda_graph_replay_equals_eager_cuda(impl, cuda_device, text_path):
         torch.testing.assert_close(p, b, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_step_never_synchronises_cuda(cuda_device, text_path):
+    """On the GPU the eager step makes no synchronising call (CUDA's sync debug mode
+    turns one into an error): only the epoch's one read of the loss sum does."""
+    train_iter, vocab = data.load_data_time_machine(BATCH, STEPS, False, TOKENS, text_path)
+    net = train.make_net("fused", len(vocab), HIDDEN, cuda_device, seed=0)
+    step = train.TrainStep(net, torch.nn.CrossEntropyLoss(),
+                           torch.optim.SGD(net.parameters(), 1.0).step, BATCH, STEPS,
+                           cuda_device)
+    Xs, ys = train.device_batches(train_iter, cuda_device)
+    step.run()  # first call: lazy initialisation (cuBLAS handles) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for X, y in zip(Xs, ys):
+            step.X.copy_(X)
+            step.y.copy_(y)
+            step.run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(step.total_loss).item()
+
+
+# Last in the file (and gpu_check.sh runs this file last): a capture that fails on purpose
+# can leave PyTorch's caching allocator believing a capture is still under way (seen in
+# some torch versions), which would break any capture after it.
 def test_cuda_graphs_fall_back_when_capture_fails_cuda(cuda_device, text_path, capsys,
                                                       monkeypatch):
     """A step that cannot be captured (here: clipping that reads the norm back, as the
@@ -206,25 +231,3 @@ def test_cuda_graphs_fall_back_when_capture_fails_cuda(cuda_device, text_path, c
                                rtol=1e-5, atol=0)
     for p, q in zip(params, eager_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-def test_eager_step_never_synchronises_cuda(cuda_device, text_path):
-    """On the GPU the eager step makes no synchronising call (CUDA's sync debug mode
-    turns one into an error): only the epoch's one read of the loss sum does."""
-    train_iter, vocab = data.load_data_time_machine(BATCH, STEPS, False, TOKENS, text_path)
-    net = train.make_net("fused", len(vocab), HIDDEN, cuda_device, seed=0)
-    step = train.TrainStep(net, torch.nn.CrossEntropyLoss(),
-                           torch.optim.SGD(net.parameters(), 1.0).step, BATCH, STEPS,
-                           cuda_device)
-    Xs, ys = train.device_batches(train_iter, cuda_device)
-    step.run()  # first call: lazy initialisation (cuBLAS handles) may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for X, y in zip(Xs, ys):
-            step.X.copy_(X)
-            step.y.copy_(y)
-            step.run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(step.total_loss).item()

@@ -51,6 +51,10 @@ namespace {
 // Lengths first seen during a capture are copied eagerly on a side stream that is not
 // capturing, the host waiting for it: nothing is captured, so no replay depends on host
 // memory (a captured copy would re-read its pinned source at every replay).
+// Two consequences for graph users: a graph reads the lengths it was captured with
+// (changing a CPU lengths tensor in place between replays changes nothing: capture
+// another graph), and the device copies graphs read are never freed (B int64 each, one
+// per distinct lengths vector captured).
 class LengthsCache {
  public:
   static LengthsCache& instance() {

@@ -1,6 +1,7 @@
 // Test-only extension: the CUDA backend's step loops (csrc/cuda/gru_device_loops.h, the very
 // kernels nvcc compiles) run on CPU tensors through the emulation layer, registered as
-// torch.ops.gru_fused_emu.gru_forward / gru_backward with the schemas of gru_fused's ops,
+// torch.ops.gru_fused_emu.gru_forward / gru_inference / gru_backward with the schemas of
+// gru_fused's ops,
 // and torch.ops.gru_fused_emu.set_seed(seed): the seed of the emulator's block and thread
 // order for the launches that follow (a negative seed: back to GRU_EMU_SEED or the
 // default). Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
@@ -27,6 +28,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
                           reset_after, reverse, &forward_loop_emu);
 }
 
+// gru_inference as the CUDA backend registers it: the kernels keep one step's workspace
+// slots (ForwardParams::ws_steps = 1).
+std::tuple<at::Tensor, at::Tensor> inference(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& lengths,
+    bool reset_after, bool reverse) {
+  auto [output, h_n, workspace] =
+      gru_forward_impl(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reset_after,
+                       reverse, &forward_loop_emu, {}, /*keep_workspace=*/false);
+  return {output, h_n};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
@@ -47,12 +61,14 @@ void set_seed(int64_t seed) {
 
 TORCH_LIBRARY(gru_fused_emu, m) {
   m.def(kForwardSchema);
+  m.def(kInferenceSchema);
   m.def(kBackwardSchema);
   m.def("set_seed(int seed) -> ()", &set_seed);
 }
 
 TORCH_LIBRARY_IMPL(gru_fused_emu, CPU, m) {
   m.impl("gru_forward", &forward);
+  m.impl("gru_inference", &inference);
   m.impl("gru_backward", &backward);
 }
 

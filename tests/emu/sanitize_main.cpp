@@ -240,10 +240,10 @@ int main(int argc, char** argv) {
   std::normal_distribution<double> normal;
   int runs = 0;
   // Partial tiles everywhere (the tiles have 8 or 16 units and 4 or 8 rows, chunks of
-  // 128 k): H = 37 several unit tiles; B = 9 and 5 partial row tiles; H = 67, B = 9
-  // several blocks in both grid dimensions, so blocks of one launch meet in a wave;
-  // H = 130 (3H = 390) several k chunks.
-  const int shapes[][3] = {{3, 5, 37}, {2, 9, 8}, {1, 1, 3}, {2, 9, 67}, {2, 3, 130}};
+  // 128 or 256 k): H = 37 several unit tiles; B = 9 and 5 partial row tiles; H = 67,
+  // B = 9 several blocks in both grid dimensions, so blocks of one launch meet in a wave;
+  // H = 300 several k chunks, the last partial, in every kernel (K = H, 2H or 3H).
+  const int shapes[][3] = {{3, 5, 37}, {2, 9, 8}, {1, 1, 3}, {2, 9, 67}, {2, 3, 300}};
   for (const auto& s : shapes)
     for (int variant = 0; variant < 8; ++variant) {
       Problem p{s[0], s[1], s[2], bool(variant & 1), bool(variant & 2), bool(variant & 4)};
