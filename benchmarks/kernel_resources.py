@@ -129,7 +129,7 @@ def dump(so: str, cuobjdump: str) -> str:
                           text=True, check=True).stdout
 
 
-def tile_of(k: Dict, tiles: Dict) -> tuple:
+def tile_of(k: Dict, tiles: Dict) -> Dict:
     acc = "double" if k["acc"] == "double" else "float"
     if k["kind"] == "forward" and k["phase"] == "fused":
         return tiles[f"forward_fused[{acc}]"]
@@ -159,9 +159,10 @@ def table(kernels: List[Dict], tiles: Dict, arch: str = "sm_90") -> str:
                    key=lambda k: (k["kind"] != "forward", not k["reset_after"], k["phase_index"],
                                   order.get(k["dtype"], 9)))
     for k in keyed:
-        units, rows, threads, smem_f, smem_d = tile_of(k, tiles)
-        smem = smem_d if k["acc"] == "double" else smem_f
-        occ = occupancy_sm90(k["REG"], threads, smem)
+        tile = tile_of(k, tiles)
+        units, rows = tile["units"], tile["rows"]
+        smem = tile["smem_double"] if k["acc"] == "double" else tile["smem_float"]
+        occ = occupancy_sm90(k["REG"], tile["threads"], smem)
         lines.append(
             f"| {k['kind']} {k['phase']} | {'reset_after' if k['reset_after'] else 'reset_before'} "
             f"| {k['dtype']} | {k['REG']} | {k['STACK']}, {k['LOCAL']} | {units} x {rows} "

@@ -50,34 +50,31 @@ CUDNN = {"book (H=256, B=32)": ("7-9", "8-12"), "H=1024, B=64": ("12-16", "8-20"
 
 
 def kernels(tiles: Dict) -> List[Dict]:
-    """The launches of one step, with their tile and reduction length K (in units of H).
-    One-gate kernels: 2 units x 4 rows... as CUDA_TILES says."""
+    """The launches of one step: each with its block tile (gru_fused._C.CUDA_TILES, fp32),
+    its reduction length K in units of H, and the bytes its epilogue reads and writes per
+    (b, j) element."""
     fused, reset, one = tiles["forward_fused[float]"], tiles["forward_reset[float]"], tiles["one_gate"]
-    # (name, tile, gates per thread, K / H, epilogue bytes per (b, j) element, per step)
     return [
-        dict(name="forward fused (reset_after)", tile=fused, gates=3, k=1, chunk=128,
-             epi=4 * (3 + 1 + 1 + 4), per_step=1),
-        dict(name="forward reset_update (reset_before)", tile=reset, gates=2, k=1, chunk=128,
-             epi=4 * (2 + 1 + 3), per_step=1),
-        dict(name="forward candidate (reset_before)", tile=one, gates=1, k=1, chunk=256,
-             epi=4 * (1 + 2 + 1 + 4), per_step=1),
-        dict(name="backward gates (reset_after)", tile=one, gates=1, k=3, chunk=256,
-             epi=4 * (1 + 4 + 1 + 1 + 6 + 1), per_step=1),
-        dict(name="backward gates (reset_before)", tile=one, gates=1, k=2, chunk=256,
-             epi=4 * (1 + 4 + 1 + 1 + 2 + 1), per_step=1),
-        dict(name="backward reset_gate (reset_before)", tile=one, gates=1, k=1, chunk=256,
-             epi=4 * (2 + 1 + 1 + 1 + 1), per_step=1),
+        dict(name="forward fused (reset_after)", tile=fused, k=1, epi=4 * (3 + 1 + 1 + 4)),
+        dict(name="forward reset_update (reset_before)", tile=reset, k=1, epi=4 * (2 + 1 + 3)),
+        dict(name="forward candidate (reset_before)", tile=one, k=1, epi=4 * (1 + 2 + 1 + 4)),
+        dict(name="backward gates (reset_after)", tile=one, k=3,
+             epi=4 * (1 + 4 + 1 + 1 + 6 + 1)),
+        dict(name="backward gates (reset_before)", tile=one, k=2,
+             epi=4 * (1 + 4 + 1 + 1 + 2 + 1)),
+        dict(name="backward reset_gate (reset_before)", tile=one, k=1,
+             epi=4 * (2 + 1 + 1 + 1 + 1)),
     ]
 
 
 def launch_model(kern: Dict, H: int, B: int) -> Dict:
-    units, rows, threads = kern["tile"][:3]
-    G, K = kern["gates"], kern["k"] * H
+    tile = kern["tile"]
+    units, rows, G, K = tile["units"], tile["rows"], tile["gates"], kern["k"] * H
     grid = math.ceil(H / units) * math.ceil(B / rows)
     waves = math.ceil(grid / (SMS * BLOCKS_PER_SM))
-    chunks = math.ceil(K / kern["chunk"])
-    k_per_lane = kern["chunk"] // 32
-    weight_rows_per_thread = G * (units // 8)
+    chunks = math.ceil(K / tile["chunk"])
+    k_per_lane = tile["chunk"] // 32
+    weight_rows_per_thread = G * tile["units_per_warp"]
     rounds = chunks + 1  # each chunk's loads, then the epilogue's reads
     # Per chunk and warp: rows x k_per_lane shared loads (one wavefront each, lanes read
     # consecutive words), weight_rows x rows x k_per_lane FMAs (4 warp-FMAs per cycle).

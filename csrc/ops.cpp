@@ -79,14 +79,18 @@ static PyModuleDef gru_fused_module = {
 
 #ifdef GRU_FUSED_WITH_CUDA
 // The CUDA step kernels' block tiles, as gru_kernel_params.h defines them, for the
-// resource report (benchmarks/kernel_resources.py): {phase: (units, rows, threads,
-// dynamic shared memory with float partial sums, with double)}.
+// resource report and the performance model (benchmarks/kernel_resources.py,
+// perf_model.py): {tile: {gates, units_per_warp, units, rows, chunk, threads,
+// smem_float, smem_double}}, the last two the dynamic shared memory of a launch whose
+// partial sums are float or double.
 template <typename TileT>
 static PyObject* tile_info() {
   using namespace gru_fused::cuda;
-  return Py_BuildValue("(iiinn)", TileT::kUnits, TileT::kRows, kThreads,
-                       static_cast<Py_ssize_t>(TileT::template smem_bytes<float>()),
-                       static_cast<Py_ssize_t>(TileT::template smem_bytes<double>()));
+  return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:n,s:n}", "gates", TileT::kGates,
+                       "units_per_warp", TileT::kUnitsPerWarp, "units", TileT::kUnits,
+                       "rows", TileT::kRows, "chunk", TileT::kChunk, "threads", kThreads,
+                       "smem_float", static_cast<Py_ssize_t>(TileT::template smem_bytes<float>()),
+                       "smem_double", static_cast<Py_ssize_t>(TileT::template smem_bytes<double>()));
 }
 
 static PyObject* cuda_tiles() {

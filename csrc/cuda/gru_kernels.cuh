@@ -35,18 +35,21 @@ namespace cuda {
 GRU_HD int step_of(int i, int T, bool reverse) { return reverse ? T - 1 - i : i; }
 
 // Where a thread stands in its block: lane and warp, and, for the lanes that finish the
-// sums (lane < kUnitsPerWarp * kRows), the unit j and batch row b they finish.
+// sums (lane < kUnitsPerWarp * kRows), the unit u of its warp and the row r of the tile
+// they finish, that is hidden unit j and batch row b.
 template <typename TileT>
 struct Place {
-  int lane, warp, j, b;
+  int lane, warp, u, r, j, b;
   bool finisher;
   GRU_HD static Place of_this_thread() {
     Place s;
     s.lane = threadIdx.x % kLanes;
     s.warp = threadIdx.x / kLanes;
     s.finisher = s.lane < TileT::kUnitsPerWarp * TileT::kRows;
-    s.j = blockIdx.x * TileT::kUnits + s.warp * TileT::kUnitsPerWarp + s.lane / TileT::kRows;
-    s.b = blockIdx.y * TileT::kRows + s.lane % TileT::kRows;
+    s.u = s.lane / TileT::kRows;
+    s.r = s.lane % TileT::kRows;
+    s.j = blockIdx.x * TileT::kUnits + s.warp * TileT::kUnitsPerWarp + s.u;
+    s.b = blockIdx.y * TileT::kRows + s.r;
     return s;
   }
 };
@@ -63,8 +66,9 @@ __device__ __forceinline__ void block_matmul(const scalar_t* __restrict__ A, int
   constexpr int G = TileT::kGates, U = TileT::kUnitsPerWarp, R = TileT::kRows;
   constexpr int kWR = TileT::kWeightRows, kKPerLane = TileT::kKPerLane;
   constexpr int kChunk = TileT::kChunk, kALoads = R * kChunk / kThreads;
-  const int tid = threadIdx.x, lane = tid % kLanes, warp = tid / kLanes;
-  const int b0 = blockIdx.y * R, j0 = blockIdx.x * TileT::kUnits + warp * U;
+  const auto s = Place<TileT>::of_this_thread();
+  const int tid = threadIdx.x, lane = s.lane;
+  const int b0 = blockIdx.y * R, j0 = blockIdx.x * TileT::kUnits + s.warp * U;
 
   // This thread's weight rows (q = g U + u), or nullptr beyond H.
   const scalar_t* w_row[kWR];
@@ -143,23 +147,23 @@ __device__ __forceinline__ void block_matmul(const scalar_t* __restrict__ A, int
 
   // The partial sums [kWarps][kOutputs][kLanes + 1] overwrite the A tiles: the barrier
   // above ends the last read of them.
-  acc_t* partial = smem + warp * TileT::kOutputs * (kLanes + 1);
+  acc_t* partial = smem + s.warp * TileT::kOutputs * (kLanes + 1);
   GRU_UNROLL
   for (int q = 0; q < kWR; ++q) {
     GRU_UNROLL
     for (int r = 0; r < R; ++r) partial[(q * R + r) * (kLanes + 1) + lane] = acc[q][r];
   }
   __syncthreads();
-  if (lane >= U * R) return;
-  // Finisher (u, r) = (lane / R, lane % R): gate g's 32 partials, in four interleaved
-  // chains then pairwise, the same order every time.
+  if (!s.finisher) return;
+  // The finisher of (u, r): gate g's 32 partials, in four interleaved chains then
+  // pairwise, the same order every time.
   GRU_UNROLL
   for (int g = 0; g < G; ++g) {
-    const acc_t* p = partial + ((g * U + lane / R) * R + lane % R) * (kLanes + 1);
-    acc_t s[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    const acc_t* p = partial + ((g * U + s.u) * R + s.r) * (kLanes + 1);
+    acc_t c[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     GRU_UNROLL
-    for (int l = 0; l < kLanes; ++l) s[l % 4] += p[l];
-    sum[g] = (s[0] + s[1]) + (s[2] + s[3]);
+    for (int l = 0; l < kLanes; ++l) c[l % 4] += p[l];
+    sum[g] = (c[0] + c[1]) + (c[2] + c[3]);
   }
 }
 
