@@ -1,13 +1,17 @@
-"""What the compiler made of the CUDA step kernels, read from the built extension.
+"""What the compiler made of the CUDA kernels, read from the built extension.
 
     python benchmarks/kernel_resources.py [--arch sm_90] [--so PATH]
 
 Runs `cuobjdump --dump-resource-usage` on gru_fused/_C*.so (torch's triton package ships
 a cuobjdump; so does the pip package nvidia-cuda-cuobjdump, or a CUDA toolkit) and prints
 one Markdown row per kernel: registers, stack, local memory, the dynamic shared memory
-its launch asks for (gru_fused._C.CUDA_TILES, from csrc/cuda/gru_kernel_params.h), and
-the theoretical occupancy on an H200 (sm_90). tests/test_resources.py uses the same
-parser to fail on any stack or local memory.
+its launch asks for, and the theoretical occupancy on an H200 (sm_90). Step kernels: their
+block tile and shared memory from gru_fused._C.CUDA_TILES (csrc/cuda/gru_tiles.h).
+Persistent kernels (csrc/cuda/gru_persistent.cuh; family cluster or cooperative): their
+geometry and shared memory depend on the call's shape, so the row shows the planner's
+plan at the book's shape (H=256, B=32) on an H200 (gru_fused.cuda_kernel_plan with
+H200_PROPERTIES and that family forced). tests/test_resources.py uses the same parser to
+fail on any stack or local memory.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ sys.path.insert(0, str(ROOT))  # the checkout's gru_fused, installed or not
 # memory of which a block may take 227 KB (1 KB per block is reserved by the system).
 SM90 = dict(regs=65536, threads=2048, blocks=32, smem=233472, smem_reserved=1024,
             reg_unit=256)
+# An H200 as the planner sees it (cudaDeviceGetAttribute's values), and the shape at which
+# the persistent kernels' rows show their plan.
+H200_PROPERTIES = dict(cc=(9, 0), sm_count=132, smem_per_block_optin=232448, cooperative=True,
+                       clusters=True)
+PLAN_SHAPE = (256, 32)
 
 
 def find_cuobjdump() -> Optional[str]:
@@ -91,7 +100,18 @@ PHASES = {"forward": ["fused", "reset_update", "candidate"],   # ForwardPhase's 
 
 def describe_kernel(demangled: str) -> Optional[Dict]:
     """kind, dtype, accumulate type, formula and phase of a step kernel's demangled name
-    (as c++filt or the profiler prints it), or None for any other name."""
+    (as c++filt or the profiler prints it), or of a persistent kernel's (phase
+    "persistent", family "cluster" or "cooperative"), or None for any other name."""
+    m = re.search(r"(forward|backward)_persistent_kernel<([^,]+), ([^,]+), (true|false), "
+                  r"(true|false)>", demangled)
+    if m is not None:
+        kind, scalar, acc, reset_after, cluster = m.groups()
+        family = "cluster" if cluster == "true" else "cooperative"
+        formula = "reset_after" if reset_after == "true" else "reset_before"
+        return dict(kind=kind, dtype=scalar.replace("c10::", ""), acc=acc,
+                    reset_after=reset_after == "true", phase="persistent", family=family,
+                    phase_index=len(PHASES[kind]) + (family == "cooperative"),
+                    label=f"{kind} persistent {family} ({formula})")
     m = re.search(r"(forward|backward)_step_kernel<([^,]+), ([^,]+), (true|false), "
                   r"\(?(?:gru_fused::cuda::)?\w+\)?(\d+)>", demangled)
     if m is None:
@@ -100,13 +120,13 @@ def describe_kernel(demangled: str) -> Optional[Dict]:
     phase = PHASES[kind][int(index)]
     formula = "reset_after" if reset_after == "true" else "reset_before"
     return dict(kind=kind, dtype=scalar.replace("c10::", ""), acc=acc,
-                reset_after=reset_after == "true", phase=phase, phase_index=int(index),
-                label=f"{kind} {phase} ({formula})")
+                reset_after=reset_after == "true", phase=phase, family="step",
+                phase_index=int(index), label=f"{kind} {phase} ({formula})")
 
 
 def gru_kernels(rows: List[Dict]) -> List[Dict]:
-    """The gru_fused step kernels among rows, with their demangled name, dtype, formula
-    and phase."""
+    """The gru_fused kernels among rows, with their demangled name, dtype, formula, phase
+    and family (step, cluster, cooperative)."""
     mine = [r for r in rows if "gru_fused" in r["mangled"]]
     names = demangle(sorted({r["mangled"] for r in mine}))
     out = []
@@ -115,6 +135,19 @@ def gru_kernels(rows: List[Dict]) -> List[Dict]:
         row.update(describe_kernel(row["name"]) or {})
         out.append(row)
     return out
+
+
+# Registers a thread may use: __launch_bounds__(256, 2) for the step kernels (two blocks
+# per SM: 65536 / 512), __launch_bounds__(256, 1) for the persistent ones (one CTA per SM;
+# the architecture's 255).
+MAX_REGISTERS = {"step": 128, "cluster": 255, "cooperative": 255}
+
+
+def register_problems(kernels: List[Dict]) -> List[str]:
+    """Every kernel over its launch bounds' registers (or of no known family): one line
+    each."""
+    return [f"{k['arch']} {k.get('name', k['mangled'])}: {k['REG']} registers"
+            for k in kernels if k["REG"] > MAX_REGISTERS.get(k.get("family"), -1)]
 
 
 def problems(kernels: List[Dict]) -> List[str]:
@@ -150,15 +183,53 @@ def occupancy_sm90(regs: int, threads: int, smem: int) -> Dict:
     return dict(blocks=blocks, occupancy=blocks * warps / 64, limit=limit)
 
 
+TORCH_DTYPES = {"float": "float32", "double": "float64", "Half": "float16",
+                "BFloat16": "bfloat16"}
+
+
+def persistent_plan(k: Dict) -> Dict:
+    """The planner's plan for a persistent kernel's direction, dtype, formula and family
+    at PLAN_SHAPE on an H200 (the family forced, as GRU_FUSED_CUDA_KERNEL would)."""
+    import torch
+
+    import gru_fused
+    H, B = PLAN_SHAPE
+    return gru_fused.cuda_kernel_plan(H, B, getattr(torch, TORCH_DTYPES[k["dtype"]]),
+                                      k["reset_after"], kernel=k["family"],
+                                      device_properties=H200_PROPERTIES)[k["kind"]]
+
+
 def table(kernels: List[Dict], tiles: Dict, arch: str = "sm_90") -> str:
+    H, B = PLAN_SHAPE
     lines = ["| kernel | formula | dtype | registers | stack, local | block tile (units x rows) "
              "| dynamic shared memory | blocks/SM (limit) | occupancy |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = {"float": 0, "double": 1, "Half": 2, "BFloat16": 3}
     keyed = sorted((k for k in kernels if k["arch"] == arch and "phase" in k),
-                   key=lambda k: (k["kind"] != "forward", not k["reset_after"], k["phase_index"],
+                   key=lambda k: (k["phase"] == "persistent", k["kind"] != "forward",
+                                  not k["reset_after"], k["phase_index"],
                                   order.get(k["dtype"], 9)))
     for k in keyed:
+        if k["phase"] == "persistent":
+            formula = "reset_after" if k["reset_after"] else "reset_before"
+            head = (f"| {k['kind']} persistent {k['family']} | {formula} | {k['dtype']} "
+                    f"| {k['REG']} | {k['STACK']}, {k['LOCAL']} | ")
+            if k["family"] == "cluster" and int(re.sub(r"\D", "", arch) or 0) < 90:
+                lines.append(head + "never launched: clusters need sm_90 (a __trap stub) "
+                             "| - | - | - |")
+                continue
+            plan = persistent_plan(k)
+            if plan["family"] != k["family"]:  # the planner would not run it at this shape
+                lines.append(head + "per plan | per plan | - | - |")
+                continue
+            occ = occupancy_sm90(k["REG"], 256, plan["smem"])
+            ctas = plan["cluster"] * plan["clusters"]
+            lines.append(
+                f"| {k['kind']} persistent {k['family']} | {formula} | {k['dtype']} | {k['REG']} "
+                f"| {k['STACK']}, {k['LOCAL']} | per CTA {plan['units']} x {plan['rows']} "
+                f"({ctas} CTAs; plan at H={H}, B={B}) | {plan['smem'] / 1024:.1f} KB "
+                f"| {occ['blocks']} ({occ['limit']}) | {occ['occupancy']:.0%} |")
+            continue
         tile = tile_of(k, tiles)
         units, rows = tile["units"], tile["rows"]
         smem = tile["smem_double"] if k["acc"] == "double" else tile["smem_float"]

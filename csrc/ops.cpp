@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cuda/gru_persistent_plan.h"  // plain C++: in every build
 #include "gru.h"
 #include "schemas.h"
 #ifdef GRU_FUSED_WITH_CUDA
@@ -65,12 +66,87 @@ static PyObject* py_empty_cache(PyObject*, PyObject*) {
   return PyLong_FromLongLong(released);
 }
 
+// plan_cuda_kernel(direction, scalar_bytes, acc_bytes, H, B, reset_after, kernel,
+//   cc_major, cc_minor, sm_count, smem_per_block_optin, cooperative, clusters) -> dict:
+// the CUDA backend's plan for one loop of a call on a device with those properties
+// (gru_persistent_plan.h); kernel is GRU_FUSED_CUDA_KERNEL's value, or None to read it.
+static PyObject* py_plan_cuda_kernel(PyObject*, PyObject* args) {
+  using namespace gru_fused::cuda;
+  const char *direction = nullptr, *kernel = nullptr;
+  long long scalar_bytes = 0, acc_bytes = 0, H = 0, B = 0, smem = 0;
+  int reset_after = 1, cooperative = 0, clusters = 0;
+  DeviceProps d;
+  if (!PyArg_ParseTuple(args, "sLLLLpziiiLpp", &direction, &scalar_bytes, &acc_bytes, &H, &B,
+                        &reset_after, &kernel, &d.cc_major, &d.cc_minor, &d.sm_count, &smem,
+                        &cooperative, &clusters)) {
+    return nullptr;
+  }
+  d.smem_per_block_optin = static_cast<size_t>(smem);
+  d.cooperative = cooperative != 0;
+  d.clusters = clusters != 0;
+  const std::string dir = direction;
+  if (dir != "forward" && dir != "backward") {
+    PyErr_SetString(PyExc_ValueError, "direction: expected 'forward' or 'backward'");
+    return nullptr;
+  }
+  Plan plan;
+  try {
+    Choice choice = choice_from_env();
+    if (kernel != nullptr) {
+      const std::string k = kernel;
+      choice = k == "auto" ? Choice::kAuto : k == "step" ? Choice::kStep
+             : k == "persistent" ? Choice::kPersistent : k == "cluster" ? Choice::kCluster
+             : k == "cooperative" ? Choice::kCooperative
+             : throw std::invalid_argument("kernel='" + k + "': expected auto, step, "
+                                           "persistent, cluster or cooperative");
+    }
+    plan = plan_kernel(d, dir == "forward" ? Direction::kForward : Direction::kBackward,
+                       size_t(scalar_bytes), size_t(acc_bytes), H, B, reset_after != 0, choice);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  const PersistentShape& g = plan.shape;
+  return Py_BuildValue("{s:s,s:i,s:i,s:i,s:i,s:n,s:s}", "family", family_name(plan.family),
+                       "cluster", g.cluster, "units", g.units, "rows", g.rows, "clusters",
+                       g.clusters, "smem", static_cast<Py_ssize_t>(plan.layout.total), "why",
+                       plan.why.c_str());
+}
+
+#ifdef GRU_FUSED_WITH_CUDA
+// cuda_device_properties(index) -> dict: what the planner reads of CUDA device `index`
+// (cuda::device_props), in plan_cuda_kernel's terms, so that gru_fused.cuda_kernel_plan
+// reports the plan the kernels will run.
+static PyObject* py_cuda_device_properties(PyObject*, PyObject* args) {
+  int index = 0;
+  if (!PyArg_ParseTuple(args, "i", &index)) return nullptr;
+  gru_fused::cuda::DeviceProps d;
+  try {
+    d = gru_fused::cuda::device_props(index);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return Py_BuildValue("{s:(ii),s:i,s:n,s:O,s:O}", "cc", d.cc_major, d.cc_minor, "sm_count",
+                       d.sm_count, "smem_per_block_optin",
+                       static_cast<Py_ssize_t>(d.smem_per_block_optin), "cooperative",
+                       d.cooperative ? Py_True : Py_False, "clusters",
+                       d.clusters ? Py_True : Py_False);
+}
+#endif
+
 static PyMethodDef gru_fused_methods[] = {
     {"cached_bytes", py_cached_bytes, METH_NOARGS,
      "Bytes of CPU scratch and workspace memory kept between calls."},
     {"empty_cache", py_empty_cache, METH_NOARGS,
      "Releases the kept CPU memory (and the CUDA copies of lengths no CUDA graph reads); "
      "returns the CPU bytes released."},
+    {"plan_cuda_kernel", py_plan_cuda_kernel, METH_VARARGS,
+     "The CUDA backend's kernel plan for one loop of a call (gru_persistent_plan.h)."},
+#ifdef GRU_FUSED_WITH_CUDA
+    {"cuda_device_properties", py_cuda_device_properties, METH_VARARGS,
+     "What the CUDA kernel planner reads of a CUDA device (its attributes)."},
+#endif
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef gru_fused_module = {

@@ -6,14 +6,16 @@
     gru_fused.reference           pure-PyTorch references of both formulas
     gru_fused.GRUFunction         the autograd.Function behind gru() (backward and jvp)
     gru_fused.cuda_compiled()     whether the CUDA kernels were compiled into the extension
+    gru_fused.cuda_kernel_plan()  which CUDA kernels (step or persistent) a call would run
     gru_fused.empty_cache()       releases the CPU buffers the ops keep between calls
 """
 from . import ops, reference
-from .ops import GRUFunction, cached_bytes, cuda_compiled, empty_cache, gru
+from .ops import GRUFunction, cached_bytes, cuda_compiled, cuda_kernel_plan, empty_cache, gru
 from .module import FusedGRU
 from . import scratch
 
-__all__ = ["gru", "GRUFunction", "cuda_compiled", "cached_bytes", "empty_cache", "FusedGRU",
+__all__ = ["gru", "GRUFunction", "cuda_compiled", "cuda_kernel_plan", "cached_bytes",
+           "empty_cache", "FusedGRU",
            "ops", "reference", "scratch"]
 try:  # written by setup.py at build time: pyproject's version and the git commit built
     from ._version import __commit__, __version__

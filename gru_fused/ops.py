@@ -446,3 +446,68 @@ def empty_cache() -> int:
     backend's device copies of ``lengths``, except those a captured CUDA graph reads.
     """
     return int(_C.empty_cache())
+
+
+# The kernels a CUDA call runs (csrc/cuda/gru_persistent_plan.h decides; this reports).
+_KERNELS = ("auto", "step", "persistent", "cluster", "cooperative")
+
+
+def _device_properties(device: torch.device) -> dict:
+    """What the CUDA backend's planner reads of ``device`` (the same attribute queries)."""
+    if not getattr(_C, "CUDA_COMPILED", False):
+        raise RuntimeError("gru_fused.cuda_kernel_plan: this build of gru_fused has no CUDA "
+                           "kernels; pass device_properties to plan for a GPU")
+    if device.type != "cuda":
+        raise ValueError(f"gru_fused.cuda_kernel_plan: device must be a CUDA device, got {device}")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _C.cuda_device_properties(index)
+
+
+def cuda_kernel_plan(hidden_size: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                     reset_after: bool = True, device=None, kernel: Optional[str] = None,
+                     device_properties: Optional[dict] = None) -> dict:
+    """Which CUDA kernels a call with these sizes runs: ``{"forward": plan, "backward":
+    plan}``, each plan a dict with
+
+    - ``family``: ``"step"`` (one launch per step), ``"cluster"`` (one launch for the whole
+      sequence; sm_90 thread-block clusters, W_hh in shared memory, the state exchanged
+      through distributed shared memory) or ``"cooperative"`` (one cooperative launch,
+      W_hh in shared memory over the SMs, a grid barrier per step);
+    - ``cluster`` (CTAs per cluster; cooperative: CTAs of the grid), ``units`` (hidden
+      units per CTA), ``rows`` (batch rows per cluster), ``clusters``, ``smem`` (bytes of
+      shared memory per CTA): the persistent launch's geometry, zeros for step kernels;
+    - ``why``: the reason, in words.
+
+    ``kernel`` overrides the choice as the ``GRU_FUSED_CUDA_KERNEL`` environment variable
+    does (``auto``, ``step``, ``persistent``, ``cluster``, ``cooperative``; default: that
+    variable, else ``auto``, which runs the step kernels for now: see the README's
+    "Persistent kernels"). The device is ``device`` (default: the current CUDA device),
+    or, to plan for a GPU that is not here, ``device_properties``: a dict with ``cc``
+    (major, minor), ``sm_count``, ``smem_per_block_optin`` (bytes), ``cooperative`` and
+    ``clusters`` (bools). A persistent launch the device refuses at run time (its blocks
+    cannot be co-resident) runs on the step kernels instead.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"gru_fused.cuda_kernel_plan: dtype must be a floating-point "
+                        f"torch.dtype, got {dtype!r}")
+    for name, v in (("hidden_size", hidden_size), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"gru_fused.cuda_kernel_plan: {name} must be a positive int, "
+                             f"got {v!r}")
+    if kernel is not None and kernel not in _KERNELS:
+        raise ValueError(f"gru_fused.cuda_kernel_plan: kernel must be one of {_KERNELS}, "
+                         f"got {kernel!r}")
+    if device_properties is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("gru_fused.cuda_kernel_plan: no CUDA device here; pass "
+                               "device_properties to plan for one")
+        device_properties = _device_properties(torch.device("cuda", torch.cuda.current_device())
+                                               if device is None else torch.device(device))
+    d = device_properties
+    scalar = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4  # half and bfloat16 accumulate in float
+    return {direction: _C.plan_cuda_kernel(
+                direction, scalar, acc, hidden_size, batch_size, bool(reset_after), kernel,
+                int(d["cc"][0]), int(d["cc"][1]), int(d["sm_count"]),
+                int(d["smem_per_block_optin"]), bool(d["cooperative"]), bool(d["clusters"]))
+            for direction in ("forward", "backward")}

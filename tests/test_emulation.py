@@ -209,7 +209,12 @@ def test_results_do_not_depend_on_block_order(emu_ops, dtype, reset_after):
     """Three seeds of the emulator's block and thread order give bitwise-equal forward and
     backward results: every output element has one writer that sums in a fixed order.
     H=67, B=9: every kernel's grid has several blocks in both dimensions."""
-    args = make(3, 9, 5, 67, dtype, seed=11, lengths=True)
+    assert_same_bits_in_any_order(emu_ops, make(3, 9, 5, 67, dtype, seed=11, lengths=True),
+                                  reset_after)
+
+
+def assert_same_bits_in_any_order(emu_ops, args, reset_after, label=""):
+    """run_both (reverse) under three seeds of the emulator's block and thread order."""
     results = []
     try:
         for seed in (1, 2, 12345):
@@ -219,7 +224,7 @@ def test_results_do_not_depend_on_block_order(emu_ops, dtype, reset_after):
         emu_ops.set_seed(-1)
     for other in results[1:]:
         for name, a, b in zip(FORWARD_NAMES + BACKWARD_NAMES, results[0], other):
-            assert torch.equal(a, b), name
+            assert torch.equal(a, b), (label, name)
 
 
 @pytest.fixture
@@ -278,6 +283,154 @@ def test_emulated_routing_is_undone(emu_ops):
     assert not any("gru_fused_emu" in e.name for e in prof.function_events)
 
 
+# --- persistent kernels --------------------------------------------------------------
+# The cluster and cooperative kernels (csrc/cuda/gru_persistent.cuh) run the step
+# kernels' tiles in the same order, so they must give the step kernels' bits (and those
+# match the CPU backend: test_emulated_kernels_match_cpu). The emulated device is an sm_90
+# of GRU_EMU_SM_COUNT SMs (16 by default); GRU_FUSED_CUDA_KERNEL forces the family.
+
+FAMILIES = ["cluster", "cooperative"]
+PERSISTENT_KERNELS = ["forward_cluster", "backward_cluster", "forward_cooperative",
+                      "backward_cooperative"]
+STEP_KERNELS = ["forward_step", "backward_step", "backward_reset", "backward_final"]
+# SHAPES, and two at more SMs: B=33 on 64 SMs is 5 clusters of 7 rows (the last 5), H=50
+# 8 CTAs of 7 units (the last 1); B=17, H=130 on 40 SMs: 3 clusters, cooperative grids of
+# 17 CTAs.
+PERSISTENT_SHAPES = [(s, 16) for s in SHAPES] + [((3, 33, 4, 50), 64), ((2, 17, 3, 130), 40)]
+
+
+def launches(emu_ops):
+    return {k: emu_ops.launch_count(k) for k in PERSISTENT_KERNELS + STEP_KERNELS}
+
+
+def run_family(emu_ops, monkeypatch, family, args, reset_after, reverse, sm_count=16):
+    """run_both on the kernels of `family`; returns the results and the launches."""
+    monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", family)
+    monkeypatch.setenv("GRU_EMU_SM_COUNT", str(sm_count))
+    emu_ops.reset_launch_counts()
+    got = run_both(emu_ops, *args, reset_after, reverse)
+    return got, launches(emu_ops)
+
+
+@pytest.mark.parametrize("shape,sm_count", PERSISTENT_SHAPES,
+                         ids=lambda s: "T%dB%dI%dH%d" % s if isinstance(s, tuple) else f"sm{s}")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("reverse,lengths", [(False, False), (True, True)])
+def test_persistent_kernels_give_step_kernels_bits(emu_ops, monkeypatch, shape, sm_count, family,
+                                                   reset_after, reverse, lengths):
+    """float32: forward outputs, workspace and every backward output bit for bit the step
+    kernels', and the persistent kernels (one launch each way) are what ran."""
+    args = make(*shape, torch.float32, seed=sum(shape), lengths=lengths)
+    want, _ = run_family(emu_ops, monkeypatch, "step", args, reset_after, reverse, sm_count)
+    got, ran = run_family(emu_ops, monkeypatch, family, args, reset_after, reverse, sm_count)
+    assert ran[f"forward_{family}"] == 1 and ran[f"backward_{family}"] == 1, ran
+    assert all(ran[k] == 0 for k in STEP_KERNELS), ran
+    for name, g, w in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want):
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_persistent_kernels_low_precision(emu_ops, monkeypatch, dtype, family, reset_after):
+    """float16 and bfloat16 (stored in the dtype, accumulated in float): the step
+    kernels' bits, and within TOL of the CPU backend."""
+    args = make(3, 9, 5, 67, dtype, seed=5, lengths=True)
+    want, _ = run_family(emu_ops, monkeypatch, "step", args, reset_after, True)
+    got, ran = run_family(emu_ops, monkeypatch, family, args, reset_after, True)
+    assert ran[f"forward_{family}"] == 1 and ran[f"backward_{family}"] == 1, ran
+    cpu = run_both(torch.ops.gru_fused, *args, reset_after, True)
+    for name, g, w, c in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want, cpu):
+        assert g.dtype == dtype and torch.equal(g, w), name
+        torch.testing.assert_close(g, c, rtol=TOL[dtype], atol=TOL[dtype],
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_persistent_inference_keeps_one_step(emu_ops, monkeypatch, family):
+    """gru_inference on the persistent kernels (one step's workspace slots): the bits of
+    gru_forward."""
+    monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", family)
+    for reset_after in (True, False):
+        args = make(3, 9, 5, 67, torch.float32, seed=3, lengths=True)
+        emu_ops.reset_launch_counts()
+        fwd = emu_ops.gru_forward(*args, reset_after, False)
+        got = emu_ops.gru_inference(*args, reset_after, False)
+        assert emu_ops.launch_count(f"forward_{family}") == 2
+        assert torch.equal(got[0], fwd[0]) and torch.equal(got[1], fwd[1])
+
+
+def test_persistent_kernels_do_not_depend_on_block_order(emu_ops, monkeypatch):
+    """Three seeds of the emulator's block and thread order: the same bits, both families."""
+    args = make(3, 9, 5, 67, torch.float32, seed=11, lengths=True)
+    for family in FAMILIES:
+        monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", family)
+        assert_same_bits_in_any_order(emu_ops, args, False, family)
+
+
+def test_selection_auto_step_and_fallbacks(emu_ops, monkeypatch):
+    """auto (and the variable unset) runs the step kernels; persistent picks the cluster
+    kernels on the emulated sm_90 and the cooperative ones on an sm_80; float64 runs the
+    step kernels; a device that cannot make the blocks co-resident
+    (GRU_EMU_MAX_BLOCKS_PER_SM=0: the occupancy API says none fit) refuses the persistent
+    launch and the step kernels run instead, with the same results; a bad value of the
+    variable is an error that names it."""
+    args = make(2, 9, 3, 40, torch.float32, seed=2, lengths=False)
+    want, _ = run_family(emu_ops, monkeypatch, "step", args, True, False)
+    for family in ("auto", ""):
+        got, ran = run_family(emu_ops, monkeypatch, family, args, True, False)
+        assert ran["forward_step"] == 2 and sum(ran[k] for k in PERSISTENT_KERNELS) == 0, ran
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert run_family(emu_ops, monkeypatch, "persistent", args, True, False)[1][
+        "forward_cluster"] == 1
+    monkeypatch.setenv("GRU_EMU_CC", "8.0")
+    got, ran = run_family(emu_ops, monkeypatch, "persistent", args, True, False)
+    assert ran["forward_cooperative"] == 1 and ran["forward_cluster"] == 0, ran
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    monkeypatch.delenv("GRU_EMU_CC")
+    args64 = make(2, 9, 3, 40, torch.float64, seed=2, lengths=False)
+    _, ran = run_family(emu_ops, monkeypatch, "persistent", args64, True, False)
+    assert ran["forward_step"] == 2 and sum(ran[k] for k in PERSISTENT_KERNELS) == 0, ran
+    monkeypatch.setenv("GRU_EMU_MAX_BLOCKS_PER_SM", "0")
+    for family in ("persistent", "cluster", "cooperative"):
+        got, ran = run_family(emu_ops, monkeypatch, family, args, True, False)
+        assert sum(ran[k] for k in PERSISTENT_KERNELS) == 0 and ran["forward_step"] == 2, ran
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    monkeypatch.delenv("GRU_EMU_MAX_BLOCKS_PER_SM")
+    monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", "fastest")
+    with pytest.raises((RuntimeError, ValueError),
+                       match="GRU_FUSED_CUDA_KERNEL=fastest: expected auto, step"):
+        emu_ops.gru_forward(*args, True, False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_gru_through_emulated_persistent_kernels(cpu_ops_routed_through_emulation,
+                                                       emu_ops, monkeypatch, family):
+    """A 2-layer bidirectional FusedGRU in float32, forward + backward, packed sequences
+    of unequal lengths, on the persistent kernels (selection forced): against nn.GRU."""
+    monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", family)
+    emu_ops.reset_launch_counts()
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
+    model = gru_fused.FusedGRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float32)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 1])
+    results = []
+    for m, dtype in ((model, torch.float32), (ref, torch.float64)):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x.to(dtype), lengths)
+        out, h_n = m(packed)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+        (padded.square().sum() + h_n.sum()).backward()
+        results.append([padded, h_n] + [p.grad for p in m.parameters()])
+    assert emu_ops.launch_count(f"forward_{family}") == 4  # 2 layers x 2 directions
+    assert emu_ops.launch_count(f"backward_{family}") == 4
+    assert emu_ops.launch_count("forward_step") == 0
+    for g, w in zip(*results):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
 # --- torch-free programs under the sanitizers ------------------------------------------
 
 # name: (source, sanitizer or None, planted fault or None)
@@ -288,6 +441,10 @@ PROGRAMS = {
     "cross_block_race": ("sanitize_main.cpp", "thread", "GRU_FAULT_CROSS_BLOCK_RACE"),
     "off_by_one": ("sanitize_main.cpp", "address", "GRU_FAULT_OFF_BY_ONE"),
     "divergent_barrier": ("sanitize_main.cpp", None, "GRU_FAULT_DIVERGENT_BARRIER"),
+    "missing_cluster_barrier": ("sanitize_main.cpp", "thread", "GRU_FAULT_MISSING_CLUSTER_BARRIER"),
+    "missing_grid_barrier": ("sanitize_main.cpp", "thread", "GRU_FAULT_MISSING_GRID_BARRIER"),
+    "missing_tile_barrier": ("sanitize_main.cpp", "thread", "GRU_FAULT_MISSING_TILE_BARRIER"),
+    "dsmem_rank": ("sanitize_main.cpp", None, "GRU_FAULT_DSMEM_RANK"),
     "selftest_thread": ("emu_selftest.cpp", "thread", None),
     "selftest_address": ("emu_selftest.cpp", "address", None),
 }
@@ -379,15 +536,46 @@ def test_emulator_catches_divergent_barrier(programs):
     assert "returned without reaching it" in run.stdout
 
 
-# mode: (program, expected exit status, text expected in stdout + stderr)
+# The persistent kernels' planted faults: (program, family run, what must be reported).
+PERSISTENT_FAULTS = {
+    # A step's cluster barrier removed: CTAs read the exchange buffer their peers write.
+    "missing_cluster_barrier": ("cluster", "ClusterExchange"),
+    # The cooperative forward's grid barrier removed: h read from global memory while
+    # other CTAs write it.
+    "missing_grid_barrier": ("cooperative", "forward_persistent_kernel"),
+    # No barrier between a persistent CTA's tiles: the next tile's matmul overwrites the
+    # scratch the last tile's finishers still read.
+    "missing_tile_barrier": ("cluster", "block_matmul"),
+}
+
+
+@pytest.mark.parametrize("fault", PERSISTENT_FAULTS)
+def test_thread_sanitizer_catches_persistent_kernel_races(programs, fault):
+    family, where = PERSISTENT_FAULTS[fault]
+    run = run_program(programs, fault, "--quick", "--family", family)
+    assert run.returncode != 0, run.stdout[-2000:]
+    assert "WARNING: ThreadSanitizer: data race" in run.stderr, run.stderr[-3000:]
+    assert where in run.stderr, run.stderr[-3000:]
+
+
+def test_emulator_catches_dsmem_rank_past_the_cluster(programs):
+    """The cluster exchange writes to one rank past its cluster: the launch fails, naming
+    the rank and the cluster's size, instead of writing another cluster's memory."""
+    run = run_program(programs, "dsmem_rank", "--quick", "--family", "cluster")
+    assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "launch failed: " in run.stdout and "out of range for a cluster of" in run.stdout
+
+
+# mode: (program, expected exit status, text or texts expected in stdout + stderr)
+DATA_RACE = "WARNING: ThreadSanitizer: data race"
 SELFTEST = {
     "clean": ("selftest_thread", 0, "emu_selftest clean: 0 failures"),
     "divergent_site": ("selftest_thread", 3,
                        "__syncthreads() reached from different source lines in one generation"),
     "early_return": ("selftest_thread", 3, "returned without reaching it"),
     "uneven_loop": ("selftest_thread", 3, "returned without reaching it"),
-    "missing_barrier": ("selftest_thread", 66, "WARNING: ThreadSanitizer: data race"),
-    "cross_block_race": ("selftest_thread", 66, "WARNING: ThreadSanitizer: data race"),
+    "missing_barrier": ("selftest_thread", 66, DATA_RACE),
+    "cross_block_race": ("selftest_thread", 66, DATA_RACE),
     "smem_over_default": ("selftest_thread", 3, "over the 49152-byte limit a block gets "
                                                 "without opting in"),
     "smem_over_opt_in": ("selftest_thread", 3, "over the 102400-byte limit the kernel opted in"),
@@ -395,18 +583,44 @@ SELFTEST = {
     "block_too_big": ("selftest_thread", 3, "block (1025,1,1) of 1025 threads"),
     "address_clean": ("selftest_address", 0, "emu_selftest clean: 0 failures"),
     "stack_overflow": ("selftest_address", 1, "ERROR: AddressSanitizer: stack-buffer-overflow"),
+    # Clusters, DSMEM, cooperative launches.
+    "missing_cluster_sync": ("selftest_thread", 66, (DATA_RACE, "cluster_exchange")),
+    "missing_grid_sync": ("selftest_thread", 66, (DATA_RACE, "grid_exchange")),
+    "dsmem_rank_out_of_range": ("selftest_thread", 3,
+                                "map_shared_rank: rank 4 out of range for a cluster of 4 blocks"),
+    "dsmem_before_cluster_sync": ("selftest_thread", 3,
+                                  "map_shared_rank: called before the first cluster barrier"),
+    "dsmem_peer_exited": ("selftest_thread", 3,
+                          "map_shared_rank: block (1,0,0) (rank 1 of the cluster) has exited"),
+    "dsmem_after_peer_exit": ("selftest_address", 1,
+                              ("ERROR: AddressSanitizer: use-after-poison", "peer_exits")),
+    "cluster_peer_exited": ("selftest_thread", 3,
+                            ("launch failed: gru_emu: cluster barrier at ",
+                             "but block (0,0,0) of its cluster returned without reaching it")),
+    "cluster_peer_failed": ("selftest_thread", 3, "launch failed: gru_emu: divergent __syncthreads()"),
+    "cluster_sync_lines": ("selftest_thread", 3, "cluster barrier reached from different source "
+                                                 "lines by the blocks of a cluster"),
+    "mixed_barriers": ("selftest_thread", 3, "different barriers reached in one generation"),
+    "watchdog": ("selftest_thread", 3, ("launch failed: gru_emu: deadlock: cluster barrier at ",
+                                        "block (1,0,0) did not within GRU_EMU_WATCHDOG_S=1 s")),
+    "grid_sync_outside_cooperative": ("selftest_thread", 3, "outside a cooperative launch"),
+    "cluster_too_big": ("selftest_thread", 3, "a cluster of 16 blocks (CUDA allows 1..8"),
+    "cluster_grid_not_multiple": ("selftest_thread", 3,
+                                  "grid (6,1,1) is not a whole number of clusters of 4 blocks"),
 }
 
 
 @pytest.mark.parametrize("case", SELFTEST)
 def test_emulator_detectors_on_toy_kernels(programs, case):
     """Each detector of the emulator, on toy kernels (tests/emu/emu_selftest.cpp): a clean
-    kernel passes silently; each broken one is caught, with a message that says what."""
-    program, status, text = SELFTEST[case]
+    kernel passes silently; each broken one is caught (never hangs), with a message that
+    says what."""
+    program, status, texts = SELFTEST[case]
     mode = "clean" if case == "address_clean" else case
     run = run_program(programs, program, mode)
     output = run.stdout + run.stderr
     assert run.returncode == status, output[-3000:]
-    assert text in output, output[-3000:]
+    for text in [texts] if isinstance(texts, str) else texts:
+        assert text in output, output[-3000:]
     if status == 0:
         assert "Sanitizer" not in output, output[-3000:]

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <string_view>
 #include <vector>
@@ -223,13 +224,15 @@ void check_shared_memory(c10::DeviceIndex device) {
 }
 
 void forward_loop_cuda(const ForwardLoopArgs& a) {
-  check_shared_memory(a.gi.device().index());
-  cuda::forward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.gi.device().index()));
+  const c10::DeviceIndex device = a.gi.device().index();
+  check_shared_memory(device);
+  cuda::forward_loop_device(a, cuda::device_props(device), c10::cuda::getCurrentCUDAStream(device));
 }
 
 void backward_loop_cuda(const BackwardLoopArgs& a) {
-  check_shared_memory(a.dG.device().index());
-  cuda::backward_loop_device(a, c10::cuda::getCurrentCUDAStream(a.dG.device().index()));
+  const c10::DeviceIndex device = a.dG.device().index();
+  check_shared_memory(device);
+  cuda::backward_loop_device(a, cuda::device_props(device), c10::cuda::getCurrentCUDAStream(device));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward_cuda(
@@ -272,6 +275,36 @@ gru_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 }  // namespace
 
 void empty_cuda_lengths_cache() { LengthsCache::instance().clear(); }
+
+namespace cuda {
+
+// Declared in gru_kernel_params.h.
+const DeviceProps& device_props(int device) {
+  TORCH_CHECK(device >= 0, "gru_fused: device_props: device index ", device, " is not a CUDA device");
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<DeviceProps>> known;
+  std::lock_guard<std::mutex> lock(mu);
+  if (known.size() <= size_t(device)) known.resize(size_t(device) + 1);
+  if (!known[device]) {
+    auto get = [device](cudaDeviceAttr attribute) {
+      int v = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attribute, device));
+      return v;
+    };
+    auto d = std::make_unique<DeviceProps>();
+    d->cc_major = get(cudaDevAttrComputeCapabilityMajor);
+    d->cc_minor = get(cudaDevAttrComputeCapabilityMinor);
+    d->sm_count = get(cudaDevAttrMultiProcessorCount);
+    d->smem_per_block_optin = size_t(get(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+    d->smem_per_sm = size_t(get(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
+    d->cooperative = get(cudaDevAttrCooperativeLaunch) != 0;
+    d->clusters = d->cc_major >= 9 && get(cudaDevAttrClusterLaunch) != 0;
+    known[device] = std::move(d);
+  }
+  return *known[device];
+}
+
+}  // namespace cuda
 
 TORCH_LIBRARY_IMPL(gru_fused, CUDA, m) {
   m.impl("gru_forward", &gru_forward_cuda);

@@ -7,9 +7,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
+
 #include "gru.h"
 #if defined(__CUDACC__) || defined(GRU_EMULATE_CUDA)
-#include "cuda/gru_kernels.cuh"  // the kernels and launch loops, compiled along
+#include "cuda/gru_persistent.cuh"  // the kernels and launch loops, compiled along
 #else
 // The host compiler, for the GPU: the launch loops are declared here and compiled by
 // nvcc, for every dtype dispatched below, in gru_cuda.cu.
@@ -28,7 +30,37 @@ inline void check_launchable(int64_t T, int64_t B, int64_t H) {
               " exceeds the kernels' grid limit of ", kMaxB);
 }
 
-inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
+// One loop (forward or backward) of a call: the persistent kernel the plan picks for this
+// device, or the step kernels (float64, no plan, or a launch the device refused).
+template <typename scalar_t, typename acc_t, bool kResetAfter>
+void run_forward(const ForwardParams<scalar_t>& p, const DeviceProps& d, gru_stream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const Plan plan = plan_kernel(d, Direction::kForward, sizeof(scalar_t), sizeof(acc_t), p.H,
+                                  p.B, kResetAfter, choice_from_env());
+    if (plan.family != Family::kStep &&
+        forward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream)) {
+      return;
+    }
+  }
+  forward_steps<scalar_t, acc_t, kResetAfter>(p, stream);
+}
+
+template <typename scalar_t, typename acc_t, bool kResetAfter>
+void run_backward(const BackwardParams<scalar_t, acc_t>& p, const DeviceProps& d,
+                  gru_stream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    const Plan plan = plan_kernel(d, Direction::kBackward, sizeof(scalar_t), sizeof(acc_t), p.H,
+                                  p.B, kResetAfter, choice_from_env());
+    if (plan.family != Family::kStep &&
+        backward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream)) {
+      return;
+    }
+  }
+  backward_steps<scalar_t, acc_t, kResetAfter>(p, stream);
+}
+
+inline void forward_loop_device(const ForwardLoopArgs& a, const DeviceProps& device,
+                                gru_stream_t stream) {
   // The kernels read gi [T, B, 3H] directly; the one-hot row gather is the CPU's alone.
   TORCH_INTERNAL_ASSERT(!a.gi_rows.defined(), "gru_fused: no one-hot path on this backend");
   const int64_t T = a.gi.size(0), B = a.gi.size(1), H = a.hx.size(1);
@@ -49,12 +81,13 @@ inline void forward_loop_device(const ForwardLoopArgs& a, gru_stream_t stream) {
     p.H = static_cast<int>(H);
     p.ws_steps = static_cast<int>(a.workspace.size(1));  // T, or 1 for gru_inference
     p.reverse = a.reverse;
-    if (a.reset_after) forward_steps<scalar_t, acc_t, true>(p, stream);
-    else forward_steps<scalar_t, acc_t, false>(p, stream);
+    if (a.reset_after) run_forward<scalar_t, acc_t, true>(p, device, stream);
+    else run_forward<scalar_t, acc_t, false>(p, device, stream);
   });
 }
 
-inline void backward_loop_device(const BackwardLoopArgs& a, gru_stream_t stream) {
+inline void backward_loop_device(const BackwardLoopArgs& a, const DeviceProps& device,
+                                 gru_stream_t stream) {
   const int64_t T = a.output.size(0), B = a.output.size(1), H = a.output.size(2);
   check_launchable(T, B, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dG.scalar_type(),
@@ -80,8 +113,8 @@ inline void backward_loop_device(const BackwardLoopArgs& a, gru_stream_t stream)
     p.B = static_cast<int>(B);
     p.H = static_cast<int>(H);
     p.reverse = a.reverse;
-    if (a.reset_after) backward_steps<scalar_t, acc_t, true>(p, stream);
-    else backward_steps<scalar_t, acc_t, false>(p, stream);
+    if (a.reset_after) run_backward<scalar_t, acc_t, true>(p, device, stream);
+    else run_backward<scalar_t, acc_t, false>(p, device, stream);
   });
 }
 

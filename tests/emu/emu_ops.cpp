@@ -4,7 +4,8 @@
 // gru_fused's ops,
 // and torch.ops.gru_fused_emu.set_seed(seed): the seed of the emulator's block and thread
 // order for the launches that follow (a negative seed: back to GRU_EMU_SEED or the
-// default). Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
+// default), torch.ops.gru_fused_emu.launch_count(kernel) and reset_launch_counts(): which
+// kernels ran. Built by tests/test_emulation.py with -DGRU_EMULATE_CUDA.
 #ifndef GRU_EMULATE_CUDA
 #error "build with -DGRU_EMULATE_CUDA"
 #endif
@@ -16,8 +17,14 @@
 namespace gru_fused {
 namespace {
 
-void forward_loop_emu(const ForwardLoopArgs& a) { cuda::forward_loop_device(a, nullptr); }
-void backward_loop_emu(const BackwardLoopArgs& a) { cuda::backward_loop_device(a, nullptr); }
+// The emulated device (GRU_EMU_CC, GRU_EMU_SM_COUNT: an sm_90 with 16 SMs by default)
+// and GRU_FUSED_CUDA_KERNEL pick the kernels, as a GPU's properties would.
+void forward_loop_emu(const ForwardLoopArgs& a) {
+  cuda::forward_loop_device(a, gru_emu::device_props<cuda::DeviceProps>(), nullptr);
+}
+void backward_loop_emu(const BackwardLoopArgs& a) {
+  cuda::backward_loop_device(a, gru_emu::device_props<cuda::DeviceProps>(), nullptr);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
@@ -57,6 +64,15 @@ void set_seed(int64_t seed) {
   else gru_emu::set_seed(static_cast<uint64_t>(seed));
 }
 
+// Launches that ran since the last reset, of the kernel named as at its launch site
+// (forward_step, backward_step, backward_reset, backward_final, forward_cluster,
+// backward_cluster, forward_cooperative, backward_cooperative).
+int64_t launch_count(c10::string_view kernel) {
+  const auto counts = gru_emu::launch_counts();
+  const auto it = counts.find(std::string(kernel));
+  return it == counts.end() ? 0 : static_cast<int64_t>(it->second);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gru_fused_emu, m) {
@@ -64,6 +80,8 @@ TORCH_LIBRARY(gru_fused_emu, m) {
   m.def(kInferenceSchema);
   m.def(kBackwardSchema);
   m.def("set_seed(int seed) -> ()", &set_seed);
+  m.def("launch_count(str kernel) -> int", &launch_count);
+  m.def("reset_launch_counts() -> ()", [] { gru_emu::reset_launch_counts(); });
 }
 
 TORCH_LIBRARY_IMPL(gru_fused_emu, CPU, m) {

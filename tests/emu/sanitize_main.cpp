@@ -1,6 +1,7 @@
-// Runs every CUDA kernel of csrc/cuda/gru_kernels.cuh through the emulation layer
-// (csrc/emu/cuda_emu.h), with no torch at all, so the whole program can be built with
-// -fsanitize=address or -fsanitize=thread. tests/test_emulation.py builds and runs it:
+// Runs every CUDA kernel of csrc/cuda/gru_kernels.cuh and gru_persistent.cuh through the
+// emulation layer (csrc/emu/cuda_emu.h), with no torch at all, so the whole program can be
+// built with -fsanitize=address or -fsanitize=thread. tests/test_emulation.py builds and
+// runs it:
 //   - clean: both sanitizers must stay silent and every check below must pass;
 //   - with -DGRU_FAULT_MISSING_BARRIER, ThreadSanitizer must report a data race;
 //   - with -DGRU_FAULT_OFF_BY_ONE, AddressSanitizer must report an overflow;
@@ -9,7 +10,21 @@
 //     blocks of a launch concurrently;
 //   - with -DGRU_FAULT_DIVERGENT_BARRIER (threads of a partial tile return before the
 //     matmul's barriers), the emulator's barrier must fail the launch; this program then
-//     prints "launch failed: <why>" and exits with 3.
+//     prints "launch failed: <why>" and exits with 3;
+//   - with -DGRU_FAULT_MISSING_CLUSTER_BARRIER (the cluster forward's barrier at the end
+//     of a step removed: a CTA reads the states its peers are still writing into its
+//     shared memory), -DGRU_FAULT_MISSING_GRID_BARRIER (the cooperative forward's grid
+//     barrier removed: CTAs read h from global memory while others write it) or
+//     -DGRU_FAULT_MISSING_TILE_BARRIER (no barrier between a persistent CTA's tiles: the
+//     next tile's matmul overwrites the scratch the last one's finishers read),
+//     ThreadSanitizer must report a data race;
+//   - with -DGRU_FAULT_DSMEM_RANK (the cluster exchange writes one rank past the
+//     cluster), the emulator must fail the launch (exit 3).
+// Options: --quick (see `quick` below), --family (`run_cluster`).
+// The persistent kernels run (float) in both families, cluster and cooperative, as
+// gru_persistent_plan.h plans them for the emulated device (an sm_90 of GRU_EMU_SM_COUNT
+// SMs, 16 by default), and must give the step kernels' results bit for bit: they run
+// the same tiles in the same order.
 // Every buffer is its own exactly-sized allocation, so an overrun leaves it.
 //
 // Checks: the forward output against a direct scalar implementation of the formulas,
@@ -19,16 +34,18 @@
 // same bits; not with --quick).
 //
 // What this cannot see: anything the emulator does not model (warps, the GPU's weak
-// memory ordering, co-residency, timing; see cuda_emu.h), and races between blocks
-// that run in different waves of a launch.
+// memory ordering, timing, registers' limit on co-residency; see cuda_emu.h), and races
+// between blocks of a plain launch that run in different waves (a persistent launch's
+// blocks are all co-resident, in one wave).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <random>
+#include <string>
 #include <vector>
 
-#include "cuda/gru_kernels.cuh"
+#include "cuda/gru_persistent.cuh"
 
 using namespace gru_fused::cuda;
 using gru_fused::kSlotHn;
@@ -46,7 +63,12 @@ struct Inputs {
 };
 
 int failures = 0;
-bool quick = false;  // --quick: no second run in another block order (ThreadSanitizer)
+// --quick (ThreadSanitizer): no second run in another block order, and the persistent
+// kernels only in the variants whose reverse equals lengths (both formulas).
+bool quick = false;
+// --family F: the persistent families run beside the step kernels (cluster, cooperative
+// or all; none: the step kernels only), for a planted fault's run.
+bool run_cluster = true, run_cooperative = true;
 
 void expect(bool ok, const char* what, const Problem& p, double err) {
   if (!ok) {
@@ -123,9 +145,9 @@ void check(const Problem& p, const Inputs& in, std::mt19937& rng) {
   struct Results {
     std::vector<S> out, ws, dG, dGh, grad_hx, dh_direct;
   };
-  // Forward and backward; the blocks of every launch in the order the emulator draws
-  // (from GRU_EMU_SEED), or from `seed` if not 0.
-  auto run = [&](uint64_t seed) {
+  // Forward and backward on the kernels of `family`; the blocks of every launch in the
+  // order the emulator draws (from GRU_EMU_SEED), or from `seed` if not 0.
+  auto run = [&](uint64_t seed, Family family) {
     if (seed != 0) gru_emu::set_seed(seed);
     Results r{std::vector<S>(T * B * H), std::vector<S>(4 * T * B * H),
               std::vector<S>(T * B * G), std::vector<S>(p.reset_after ? T * B * G : 0),
@@ -158,29 +180,60 @@ void check(const Problem& p, const Inputs& in, std::mt19937& rng) {
     bp.B = B;
     bp.H = H;
     bp.reverse = p.reverse;
-    if (p.reset_after) {
-      forward_steps<S, S, true>(fp, nullptr);
-      backward_steps<S, S, true>(bp, nullptr);
+    if (family == Family::kStep) {
+      if (p.reset_after) {
+        forward_steps<S, S, true>(fp, nullptr);
+        backward_steps<S, S, true>(bp, nullptr);
+      } else {
+        forward_steps<S, S, false>(fp, nullptr);
+        backward_steps<S, S, false>(bp, nullptr);
+      }
     } else {
-      forward_steps<S, S, false>(fp, nullptr);
-      backward_steps<S, S, false>(bp, nullptr);
+      const DeviceProps device = gru_emu::device_props<DeviceProps>();
+      const Choice choice = family == Family::kCluster ? Choice::kCluster : Choice::kCooperative;
+      const Plan fwd = plan_kernel(device, Direction::kForward, sizeof(S), sizeof(S), H, B,
+                                   p.reset_after, choice);
+      const Plan bwd = plan_kernel(device, Direction::kBackward, sizeof(S), sizeof(S), H, B,
+                                   p.reset_after, choice);
+      if (fwd.family != family || bwd.family != family) {
+        throw std::runtime_error(std::string("no ") + family_name(family) + " plan: " + fwd.why +
+                                 " / " + bwd.why);
+      }
+      const bool ran = p.reset_after ? forward_persistent<S, S, true>(fp, fwd, nullptr) &&
+                                           backward_persistent<S, S, true>(bp, bwd, nullptr)
+                                     : forward_persistent<S, S, false>(fp, fwd, nullptr) &&
+                                           backward_persistent<S, S, false>(bp, bwd, nullptr);
+      if (!ran) throw std::runtime_error(std::string(family_name(family)) + " launch refused");
     }
     if (seed != 0) gru_emu::clear_seed();
     return r;
   };
-  const Results res = run(0);
+  const Results res = run(0, Family::kStep);
   const std::vector<S>&out = res.out, &ws = res.ws, &dG = res.dG, &dGh = res.dGh,
                         &grad_hx = res.grad_hx;
   // Another block order gives the same bits: every output element has one writer
   // that sums in a fixed order, whatever the order of the blocks.
   const uint64_t other_seed = gru_emu::env_u64("GRU_EMU_SEED", gru_emu::kDefaultSeed) + 1;
-  const Results again = quick ? res : run(other_seed);
+  const Results again = quick ? res : run(other_seed, Family::kStep);
   auto same = [](const std::vector<S>& a, const std::vector<S>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(S)) == 0;
   };
-  expect(same(out, again.out) && same(ws, again.ws) && same(dG, again.dG) &&
-             same(dGh, again.dGh) && same(grad_hx, again.grad_hx),
-         "results depend on the block order", p, 0);
+  auto all_same = [&](const Results& a, const Results& b) {
+    return same(a.out, b.out) && same(a.ws, b.ws) && same(a.dG, b.dG) && same(a.dGh, b.dGh) &&
+           same(a.grad_hx, b.grad_hx);
+  };
+  expect(all_same(res, again), "results depend on the block order", p, 0);
+  // The persistent kernels (float64 stays on the step kernels): the same bits.
+  if (sizeof(S) == 4 && (!quick || p.reverse == p.lengths)) {
+    if (run_cluster) {
+      expect(all_same(res, run(0, Family::kCluster)), "cluster kernels differ from step kernels",
+             p, 0);
+    }
+    if (run_cooperative) {
+      expect(all_same(res, run(0, Family::kCooperative)),
+             "cooperative kernels differ from step kernels", p, 0);
+    }
+  }
 
   const double tol = sizeof(S) == 8 ? 1e-10 : 1e-4;
   std::vector<double> want;
@@ -229,10 +282,17 @@ void check(const Problem& p, const Inputs& in, std::mt19937& rng) {
 
 int main(int argc, char** argv) {
   for (int a = 1; a < argc; ++a) {
-    if (std::strcmp(argv[a], "--quick") == 0) {
+    const std::string arg = argv[a];
+    if (arg == "--quick") {
       quick = true;
+    } else if (arg == "--family" && a + 1 < argc &&
+               std::strstr(" cluster cooperative all none ", (" " + std::string(argv[a + 1]) + " ").c_str())) {
+      const std::string f = argv[++a];
+      run_cluster = f == "cluster" || f == "all";
+      run_cooperative = f == "cooperative" || f == "all";
     } else {
-      std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--family cluster|cooperative|all|none]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -243,6 +303,8 @@ int main(int argc, char** argv) {
   // 128 or 256 k): H = 37 several unit tiles; B = 9 and 5 partial row tiles; H = 67,
   // B = 9 several blocks in both grid dimensions, so blocks of one launch meet in a wave;
   // H = 300 several k chunks, the last partial, in every kernel (K = H, 2H or 3H).
+  // Persistent kernels on the emulated 16 SMs: B = 9 two clusters (rows 5 + 4), H = 37
+  // and 67 CTAs whose last unit slice is short, H = 3 a cluster of 2.
   const int shapes[][3] = {{3, 5, 37}, {2, 9, 8}, {1, 1, 3}, {2, 9, 67}, {2, 3, 300}};
   for (const auto& s : shapes)
     for (int variant = 0; variant < 8; ++variant) {
