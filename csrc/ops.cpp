@@ -67,23 +67,26 @@ static PyObject* py_empty_cache(PyObject*, PyObject*) {
 }
 
 // plan_cuda_kernel(direction, scalar_bytes, acc_bytes, H, B, reset_after, kernel,
-//   cc_major, cc_minor, sm_count, smem_per_block_optin, cooperative, clusters) -> dict:
-// the CUDA backend's plan for one loop of a call on a device with those properties
-// (gru_persistent_plan.h); kernel is GRU_FUSED_CUDA_KERNEL's value, or None to read it.
+//   cc_major, cc_minor, sm_count, smem_per_block_optin, cooperative, clusters,
+//   max_cluster) -> dict: the CUDA backend's plan for one loop of a call on a device with
+// those properties (gru_persistent_plan.h); kernel is GRU_FUSED_CUDA_KERNEL's value, or
+// None to read it; max_cluster < 0: the device's default (max_cluster_for).
 static PyObject* py_plan_cuda_kernel(PyObject*, PyObject* args) {
   using namespace gru_fused::cuda;
   const char *direction = nullptr, *kernel = nullptr;
   long long scalar_bytes = 0, acc_bytes = 0, H = 0, B = 0, smem = 0;
-  int reset_after = 1, cooperative = 0, clusters = 0;
+  int reset_after = 1, cooperative = 0, clusters = 0, max_cluster = -1;
   DeviceProps d;
-  if (!PyArg_ParseTuple(args, "sLLLLpziiiLpp", &direction, &scalar_bytes, &acc_bytes, &H, &B,
+  if (!PyArg_ParseTuple(args, "sLLLLpziiiLppi", &direction, &scalar_bytes, &acc_bytes, &H, &B,
                         &reset_after, &kernel, &d.cc_major, &d.cc_minor, &d.sm_count, &smem,
-                        &cooperative, &clusters)) {
+                        &cooperative, &clusters, &max_cluster)) {
     return nullptr;
   }
   d.smem_per_block_optin = static_cast<size_t>(smem);
   d.cooperative = cooperative != 0;
   d.clusters = clusters != 0;
+  d.max_cluster = max_cluster < 0 ? max_cluster_for(d.cc_major, d.clusters)
+                                  : (d.clusters ? max_cluster : 0);
   const std::string dir = direction;
   if (dir != "forward" && dir != "backward") {
     PyErr_SetString(PyExc_ValueError, "direction: expected 'forward' or 'backward'");
@@ -127,11 +130,11 @@ static PyObject* py_cuda_device_properties(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
-  return Py_BuildValue("{s:(ii),s:i,s:n,s:O,s:O}", "cc", d.cc_major, d.cc_minor, "sm_count",
-                       d.sm_count, "smem_per_block_optin",
+  return Py_BuildValue("{s:(ii),s:i,s:n,s:O,s:O,s:i}", "cc", d.cc_major, d.cc_minor,
+                       "sm_count", d.sm_count, "smem_per_block_optin",
                        static_cast<Py_ssize_t>(d.smem_per_block_optin), "cooperative",
                        d.cooperative ? Py_True : Py_False, "clusters",
-                       d.clusters ? Py_True : Py_False);
+                       d.clusters ? Py_True : Py_False, "max_cluster", d.max_cluster);
 }
 #endif
 

@@ -484,7 +484,8 @@ def cuda_kernel_plan(hidden_size: int, batch_size: int, dtype: torch.dtype = tor
     "Persistent kernels"). The device is ``device`` (default: the current CUDA device),
     or, to plan for a GPU that is not here, ``device_properties``: a dict with ``cc``
     (major, minor), ``sm_count``, ``smem_per_block_optin`` (bytes), ``cooperative`` and
-    ``clusters`` (bools). A persistent launch the device refuses at run time (its blocks
+    ``clusters`` (bools), and optionally ``max_cluster`` (the widest cluster the planner
+    may use; default: 16 on sm_90 and sm_100, else 8). A persistent launch the device refuses at run time (its blocks
     cannot be co-resident) runs on the step kernels instead.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -509,5 +510,6 @@ def cuda_kernel_plan(hidden_size: int, batch_size: int, dtype: torch.dtype = tor
     return {direction: _C.plan_cuda_kernel(
                 direction, scalar, acc, hidden_size, batch_size, bool(reset_after), kernel,
                 int(d["cc"][0]), int(d["cc"][1]), int(d["sm_count"]),
-                int(d["smem_per_block_optin"]), bool(d["cooperative"]), bool(d["clusters"]))
+                int(d["smem_per_block_optin"]), bool(d["cooperative"]), bool(d["clusters"]),
+                int(d.get("max_cluster", -1)))
             for direction in ("forward", "backward")}

@@ -404,6 +404,28 @@ def test_selection_auto_step_and_fallbacks(emu_ops, monkeypatch):
         emu_ops.gru_forward(*args, True, False)
 
 
+def test_clusters_of_16_and_the_portable_replan(emu_ops, monkeypatch):
+    """H=64 on the emulated sm_90 (16 SMs): clusters of 16 CTAs of 4 units, a
+    non-portable size the kernels opt in to. Where the device finds no room for a cluster
+    of 16 (GRU_EMU_MAX_CLUSTER=8, as on a GPU whose GPCs are smaller), the launch is
+    refused and the call planned again with the portable 8: the cluster kernels still run,
+    with the step kernels' bits."""
+    emulated = {"cc": (9, 0), "sm_count": 16, "smem_per_block_optin": 227 * 1024,
+                "cooperative": True, "clusters": True}
+    plans = gru_fused.cuda_kernel_plan(64, 5, torch.float32, kernel="cluster",
+                                       device_properties=emulated)
+    assert [plans[d]["cluster"] for d in ("forward", "backward")] == [16, 16], plans
+    args = make(2, 5, 3, 64, torch.float32, seed=7, lengths=True)
+    want, _ = run_family(emu_ops, monkeypatch, "step", args, True, True)
+    for max_cluster in ("16", "8"):
+        monkeypatch.setenv("GRU_EMU_MAX_CLUSTER", max_cluster)
+        got, ran = run_family(emu_ops, monkeypatch, "cluster", args, True, True)
+        assert ran["forward_cluster"] == 1 and ran["backward_cluster"] == 1, (max_cluster, ran)
+        assert all(ran[k] == 0 for k in STEP_KERNELS), (max_cluster, ran)
+        for name, g, w in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want):
+            assert torch.equal(g, w), (max_cluster, name)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_gru_through_emulated_persistent_kernels(cpu_ops_routed_through_emulation,
                                                        emu_ops, monkeypatch, family):

@@ -36,17 +36,28 @@ def test_auto_runs_the_step_kernels():
 
 
 def test_book_shape_on_h200_runs_clusters():
-    """H=256, B=32, float32: clusters of 8 CTAs of 32 units; the forward's W_hh slice is
-    3 x 32 x 256 floats (96 KB) per CTA; 4 clusters of 8 rows (the forward's tile rows)."""
+    """H=256, B=32, float32: clusters of 16 CTAs (non-portable, sm_90) of 16 units; the
+    forward's W_hh slice is 3 x 16 x 256 floats (48 KB) per CTA; 4 clusters of 8 rows
+    (the forward's tile rows), 8 of 4 backward."""
     p = plan(256, 32)
     f, b = p["forward"], p["backward"]
     assert (f["family"], f["cluster"], f["units"], f["rows"], f["clusters"]) == \
-        ("cluster", 8, 32, 8, 4)
+        ("cluster", 16, 16, 8, 4)
     assert (b["family"], b["cluster"], b["units"], b["rows"], b["clusters"]) == \
-        ("cluster", 8, 32, 4, 8)
+        ("cluster", 16, 16, 4, 8)
     # W slice + two state buffers [8, 256] + the fused tile's scratch (8 warps x 24 x 33).
-    assert f["smem"] == 3 * 32 * 256 * 4 + 2 * 8 * 256 * 4 + 8 * 24 * 33 * 4
+    assert f["smem"] == 3 * 16 * 256 * 4 + 2 * 8 * 256 * 4 + 8 * 24 * 33 * 4
     assert f["smem"] <= H200["smem_per_block_optin"] and b["smem"] <= H200["smem_per_block_optin"]
+    assert "cluster of 16 CTAs" in f["why"]
+
+
+def test_portable_clusters_where_16_is_not_allowed():
+    """max_cluster=8 (a device without non-portable clusters, or the re-plan after a GPU
+    refused 16): the portable 8 CTAs of 32 units; an sm_120 defaults to 8."""
+    for props in (dict(H200, max_cluster=8), dict(H200, cc=(12, 0))):
+        f = plan(256, 32, device=props)["forward"]
+        assert (f["family"], f["cluster"], f["units"], f["rows"], f["clusters"]) == \
+            ("cluster", 8, 32, 8, 4), (props, f)
 
 
 @pytest.mark.parametrize("B", [1, 8, 32, 256])
@@ -63,10 +74,11 @@ def test_clusters_cover_the_batch_and_fit(B, dtype):
 
 
 def test_a_narrower_cluster_that_fits_is_taken():
-    """bfloat16 backward, H=256, B=1024: 8-CTA clusters (16 of them, 64 rows each) need
-    48 KB of W_hh^T and 2 x 96 KB of exchange buffers per CTA, over the 227 KB; 4-CTA
-    clusters (33, 32 rows each) hold twice the W_hh^T but half the buffers, and fit."""
-    b = plan(1024 // 4, 1024, torch.bfloat16)["backward"]
+    """bfloat16 backward, H=256, B=1024, portable clusters: 8-CTA clusters (16 of them,
+    64 rows each) need 48 KB of W_hh^T and 2 x 96 KB of exchange buffers per CTA, over the
+    227 KB; 4-CTA clusters (33, 32 rows each) hold twice the W_hh^T but half the buffers,
+    and fit."""
+    b = plan(1024 // 4, 1024, torch.bfloat16, device=dict(H200, max_cluster=8))["backward"]
     assert (b["family"], b["cluster"], b["rows"]) == ("cluster", 4, 32), b
     assert b["smem"] <= H200["smem_per_block_optin"]
 

@@ -215,11 +215,10 @@ def test_persistent_model_plans_are_the_planners(monkeypatch):
 
     real = gru_fused.cuda_kernel_plan
 
-    def twice_the_ctas(*args, **kwargs):  # half the units per CTA: half the tiles
-        return {d: dict(p, units=p["units"] // 2, cluster=p["cluster"] * 2)
-                for d, p in real(*args, **kwargs).items()}
+    def half_the_units(*args, **kwargs):  # per CTA: half the tiles, half the exchange
+        return {d: dict(p, units=p["units"] // 2) for d, p in real(*args, **kwargs).items()}
 
-    monkeypatch.setattr(gru_fused, "cuda_kernel_plan", twice_the_ctas)
+    monkeypatch.setattr(gru_fused, "cuda_kernel_plan", half_the_units)
     halved = pm.persistent_model(tiles, pm.h200_plan(*pm.BOOK)["forward"], "forward", *pm.BOOK)
     assert halved["parts"][0][0]["tiles"] == book["parts"][0][0]["tiles"] // 2
     assert halved["per_step_us"][1] < book["per_step_us"][1]

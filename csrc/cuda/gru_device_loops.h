@@ -30,15 +30,32 @@ inline void check_launchable(int64_t T, int64_t B, int64_t H) {
               " exceeds the kernels' grid limit of ", kMaxB);
 }
 
-// One loop (forward or backward) of a call: the persistent kernel the plan picks for this
-// device, or the step kernels (float64, no plan, or a launch the device refused).
+// Runs the persistent kernel the plan picks for this device with `launch(plan)` (false:
+// the device refused it); false if none ran, and the caller runs the step kernels. A
+// refused cluster of 16 CTAs (non-portable: a GPU whose GPCs cannot hold one) is planned
+// again with the portable 8.
+template <typename Launch>
+bool run_persistent(DeviceProps d, Direction dir, size_t scalar_bytes, size_t acc_bytes,
+                    int64_t H, int64_t B, bool reset_after, const Launch& launch) {
+  const Choice choice = choice_from_env();
+  for (;;) {
+    const Plan plan = plan_kernel(d, dir, scalar_bytes, acc_bytes, H, B, reset_after, choice);
+    if (plan.family == Family::kStep) return false;
+    if (launch(plan)) return true;
+    if (plan.family != Family::kCluster || plan.shape.cluster <= kMaxPortableCluster) return false;
+    d.max_cluster = kMaxPortableCluster;
+  }
+}
+
+// One loop (forward or backward) of a call: a persistent kernel, or the step kernels
+// (float64, no plan, or a launch the device refused).
 template <typename scalar_t, typename acc_t, bool kResetAfter>
 void run_forward(const ForwardParams<scalar_t>& p, const DeviceProps& d, gru_stream_t stream) {
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    const Plan plan = plan_kernel(d, Direction::kForward, sizeof(scalar_t), sizeof(acc_t), p.H,
-                                  p.B, kResetAfter, choice_from_env());
-    if (plan.family != Family::kStep &&
-        forward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream)) {
+    if (run_persistent(d, Direction::kForward, sizeof(scalar_t), sizeof(acc_t), p.H, p.B,
+                       kResetAfter, [&](const Plan& plan) {
+                         return forward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream);
+                       })) {
       return;
     }
   }
@@ -49,10 +66,10 @@ template <typename scalar_t, typename acc_t, bool kResetAfter>
 void run_backward(const BackwardParams<scalar_t, acc_t>& p, const DeviceProps& d,
                   gru_stream_t stream) {
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    const Plan plan = plan_kernel(d, Direction::kBackward, sizeof(scalar_t), sizeof(acc_t), p.H,
-                                  p.B, kResetAfter, choice_from_env());
-    if (plan.family != Family::kStep &&
-        backward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream)) {
+    if (run_persistent(d, Direction::kBackward, sizeof(scalar_t), sizeof(acc_t), p.H, p.B,
+                       kResetAfter, [&](const Plan& plan) {
+                         return backward_persistent<scalar_t, acc_t, kResetAfter>(p, plan, stream);
+                       })) {
       return;
     }
   }

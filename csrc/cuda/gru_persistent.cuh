@@ -242,7 +242,8 @@ inline dim3 persistent_grid(const Plan& plan) {
 // Whether the device can run `kernel` (the plan's family) as the plan says, checked
 // before its launch (false: nothing is launched and the caller runs the step kernels):
 // - a cluster kernel must hold sm_90 code (a binary built for older GPUs only, run from
-//   PTX on an sm_90, has the __trap stubs of cuda_compat.h instead);
+//   PTX on an sm_90, has the __trap stubs of cuda_compat.h instead); a cluster of 16
+//   needs the non-portable opt-in;
 // - the occupancy API must say the blocks fit at once: a cluster of the plan's shape, or
 //   every block of the cooperative grid. The launch also fails rather than hangs when
 //   they do not (cuda_compat.h): a second guard.
@@ -253,6 +254,7 @@ bool persistent_fits(void (*kernel)(KArgs...), const Plan& plan) {
   const size_t smem = plan.layout.total;
   GRU_SET_MAX_DYNAMIC_SMEM(kernel, plan.device.smem_per_block_optin);
   if (plan.family == Family::kCluster) {
+    if (plan.shape.cluster > kMaxPortableCluster) GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel);
     return gru_kernel_has_sm90_code(kernel) &&
            gru_max_active_clusters(kernel, persistent_grid(plan), dim3(kThreads), smem,
                                    plan.shape.cluster) >= 1;

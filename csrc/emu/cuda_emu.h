@@ -69,7 +69,8 @@
 //   a block's shared memory is poisoned when it ends, so an access through a pointer
 //   mapped earlier is reported too.
 // - Launch configuration: block of 1..1024 threads (z <= 64), grid y and z <= 65535,
-//   cluster of 1..8 blocks along x (the portable sizes) dividing grid.x.
+//   cluster of 1..8 blocks along x (the portable sizes; up to 16 for a kernel that
+//   allowed non-portable sizes, allow_non_portable_cluster) dividing grid.x.
 // - launch_counts(): the launches that ran, per kernel expression, for the tests.
 //
 // Not modelled: warps (no lockstep, no warp-synchronous code, no shuffles; threads
@@ -79,8 +80,8 @@
 // atomics, the GPU memory model beyond happens-before (no caches, no weak ordering, no
 // fences, no cluster- or GPU-scope orderings other than the barriers), registers and
 // static shared memory in occupancy (a GPU may fit fewer blocks than the emulated
-// device: __launch_bounds__ is ignored), non-portable cluster sizes and clusters along
-// y or z, races between blocks of different waves, timing, and device floating point
+// device: __launch_bounds__ is ignored), the GPCs (a GPU holds clusters of 16 only in
+// GPCs of 16 SMs or more; the emulator, anywhere) and clusters along y or z, races between blocks of different waves, timing, and device floating point
 // (FMA contraction, fast intrinsics). Under ThreadSanitizer a wave may have about 8000
 // CUDA threads at most (its limit on threads and fibers).
 #pragma once
@@ -170,8 +171,11 @@ constexpr size_t kSmemPerSm = 228 * 1024;
 constexpr size_t kSmemReservedPerBlock = 1024;  // by the system, for every block
 constexpr unsigned kMaxThreadsPerSm = 2048;
 constexpr unsigned kMaxBlocksPerSm = 32;
-// The largest portable cluster (16 needs a non-portable opt-in, not modelled).
+// The largest portable cluster, and the largest a kernel that allowed non-portable sizes
+// (GRU_ALLOW_NON_PORTABLE_CLUSTER, cudaFuncAttributeNonPortableClusterSizeAllowed) may
+// have on sm_90.
 constexpr unsigned kMaxClusterBlocks = 8;
+constexpr unsigned kMaxNonPortableClusterBlocks = 16;
 
 // Where a launch comes from: the kernel expression as written and the GRU_LAUNCH line.
 struct LaunchSite {
@@ -990,6 +994,7 @@ struct Config {
   uint64_t seed = 0;
   uint64_t launches = 0;  // since the seed was last set: launch k uses (seed, k)
   std::map<const void*, size_t> smem_opt_in;
+  std::map<const void*, bool> non_portable_clusters;  // kernels allowed clusters of 16
   std::map<std::string, uint64_t> launch_counts;  // launches that ran, per kernel expression
   std::vector<std::unique_ptr<Fiber>> fibers;     // grown on demand, never freed
 };
@@ -1075,6 +1080,18 @@ void set_max_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
   config().smem_opt_in[reinterpret_cast<const void*>(kernel)] = bytes;
 }
 
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1).
+template <typename... KArgs>
+void allow_non_portable_cluster(void (*kernel)(KArgs...)) {
+  std::lock_guard<std::mutex> lock(config().mu);
+  config().non_portable_clusters[reinterpret_cast<const void*>(kernel)] = true;
+}
+
+// The largest cluster `kernel` may be launched in. The caller holds cfg.mu.
+inline unsigned cluster_limit(const Config& cfg, const void* kernel) {
+  return cfg.non_portable_clusters.count(kernel) ? kMaxNonPortableClusterBlocks : kMaxClusterBlocks;
+}
+
 // The dynamic shared memory a block of `kernel` may have. The caller holds cfg.mu.
 inline size_t smem_limit(const Config& cfg, const void* kernel) {
   const auto opt = cfg.smem_opt_in.find(kernel);
@@ -1087,13 +1104,15 @@ struct EmulatedDevice {
   int cc_major = 9, cc_minor = 0;
   unsigned sm_count = 16;
   int64_t max_blocks_per_sm = -1;  // GRU_EMU_MAX_BLOCKS_PER_SM; -1: what the SM holds
+  unsigned max_cluster = kMaxNonPortableClusterBlocks;  // GRU_EMU_MAX_CLUSTER
 };
 
-// GRU_EMU_CC ("major.minor", default 9.0), GRU_EMU_SM_COUNT (default 16) and
+// GRU_EMU_CC ("major.minor", default 9.0), GRU_EMU_SM_COUNT (default 16),
 // GRU_EMU_MAX_BLOCKS_PER_SM (unset: what the SM's threads and shared memory allow; a
 // number caps it, as registers would; 0 makes every kernel fit nowhere, so that tests
-// reach the co-residency refusals), read at every call: tests change them between
-// launches.
+// reach the co-residency refusals) and GRU_EMU_MAX_CLUSTER (default 16: the widest
+// cluster the occupancy API finds room for, as a GPU's GPCs bound it; the launch
+// limits of 8 and 16 stay), read at every call: tests change them between launches.
 inline EmulatedDevice emulated_device() {
   EmulatedDevice d;
   const char* cc = std::getenv("GRU_EMU_CC");
@@ -1113,6 +1132,12 @@ inline EmulatedDevice emulated_device() {
   if (cap != nullptr && *cap != '\0') {
     d.max_blocks_per_sm = static_cast<int64_t>(env_u64("GRU_EMU_MAX_BLOCKS_PER_SM", 0));
   }
+  const uint64_t max_cluster = env_u64("GRU_EMU_MAX_CLUSTER", d.max_cluster);
+  if (max_cluster == 0 || max_cluster > kMaxNonPortableClusterBlocks) {
+    throw std::invalid_argument("GRU_EMU_MAX_CLUSTER=" + std::to_string(max_cluster) +
+                                ": not 1.." + std::to_string(kMaxNonPortableClusterBlocks));
+  }
+  d.max_cluster = static_cast<unsigned>(max_cluster);
   return d;
 }
 
@@ -1128,6 +1153,7 @@ Props device_props() {
   p.smem_per_sm = kSmemPerSm;
   p.cooperative = true;
   p.clusters = d.cc_major >= 9;
+  p.max_cluster = p.clusters ? int(kMaxNonPortableClusterBlocks) : 0;
   return p;
 }
 
@@ -1150,7 +1176,10 @@ inline int blocks_per_sm(const Config& cfg, const EmulatedDevice& d, const void*
 inline int clusters_per_device(const Config& cfg, const EmulatedDevice& d, const void* kernel,
                                unsigned threads, size_t smem, unsigned cluster_x) {
   const int per_sm = blocks_per_sm(cfg, d, kernel, threads, smem);
-  if (per_sm == 0 || cluster_x == 0 || cluster_x > kMaxClusterBlocks || d.cc_major < 9) return 0;
+  if (per_sm == 0 || cluster_x == 0 || cluster_x > cluster_limit(cfg, kernel) ||
+      cluster_x > d.max_cluster || d.cc_major < 9) {
+    return 0;
+  }
   if ((cluster_x + per_sm - 1) / per_sm > d.sm_count) return 0;
   return static_cast<int>(d.sm_count * per_sm / cluster_x);
 }
@@ -1232,10 +1261,13 @@ inline bool admit(const Config& cfg, const LaunchSite& at, const void* kernel, c
     const int per_sm = blocks_per_sm(cfg, d, kernel, s.threads(), s.smem_bytes);
     return uint64_t(s.blocks()) <= uint64_t(d.sm_count) * per_sm;
   }
-  if (s.cluster_x == 0 || s.cluster_x > kMaxClusterBlocks) {
-    throw std::invalid_argument(where + "a cluster of " + std::to_string(s.cluster_x) +
-                                " blocks (CUDA allows 1.." + std::to_string(kMaxClusterBlocks) +
-                                ", the portable sizes; non-portable ones are not emulated)");
+  if (s.cluster_x == 0 || s.cluster_x > cluster_limit(cfg, kernel)) {
+    throw std::invalid_argument(
+        where + "a cluster of " + std::to_string(s.cluster_x) + " blocks (CUDA allows 1.." +
+        std::to_string(cluster_limit(cfg, kernel)) + (cluster_limit(cfg, kernel) == kMaxClusterBlocks
+            ? ", the portable sizes; up to " + std::to_string(kMaxNonPortableClusterBlocks) +
+                  " on sm_90 for a kernel that allowed non-portable sizes)"
+            : " on sm_90 with non-portable sizes allowed)"));
   }
   if (d.cc_major < 9) {
     throw std::invalid_argument(where + "a cluster launch on an emulated device of compute "

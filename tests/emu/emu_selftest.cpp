@@ -287,10 +287,11 @@ uint64_t count_of(const char* kernel) {
   return it == counts.end() ? 0 : it->second;
 }
 
-// Clusters of 4 in a grid (8, 2): 4 clusters, two rows of them, 3 rounds, two seeds.
-void clean_clusters() {
-  const unsigned size = 4, n = 32;
-  const dim3 grid(8, 2);
+// Clusters of `size` in a grid (2 size, 2): 4 clusters, two rows of them, 3 rounds, two
+// seeds.
+void clean_clusters(unsigned size) {
+  const unsigned n = 32;
+  const dim3 grid(2 * size, 2);
   const int rounds = 3;
   const size_t smem = 2 * size * n * sizeof(int);
   std::vector<int> out(size_t(rounds) * grid.x * grid.y * n);
@@ -376,6 +377,7 @@ struct DeviceProps {
   size_t smem_per_sm = 0;
   bool cooperative = false;
   bool clusters = false;
+  int max_cluster = 0;
 };
 
 // The emulated device: occupancy, properties, and clusters only from 9.0.
@@ -391,11 +393,21 @@ void clean_device() {
   expect(gru_max_active_clusters(noop, dim3(16), dim3(128), kDefaultSmemBytes, 4) == 16,
          "16 SMs of 4 blocks: 16 clusters of 4");
   expect(gru_max_active_clusters(noop, dim3(16), dim3(128), kDefaultSmemBytes, 16) == 0,
-         "no cluster of 16 (non-portable)");
+         "no cluster of 16 (non-portable) without the kernel's opt-in");
+  GRU_ALLOW_NON_PORTABLE_CLUSTER(big_smem);
+  expect(gru_max_active_clusters(big_smem, dim3(16), dim3(128), 64 * 1024, 16) == 3,
+         "48 blocks of 64 KB on 16 SMs: 3 clusters of 16 after the opt-in");
+  {
+    ScopedEnv gpcs("GRU_EMU_MAX_CLUSTER", "8");
+    expect(gru_max_active_clusters(big_smem, dim3(16), dim3(128), 64 * 1024, 16) == 0 &&
+               gru_max_active_clusters(big_smem, dim3(8), dim3(128), 64 * 1024, 8) == 6,
+           "GRU_EMU_MAX_CLUSTER=8: no room for a cluster of 16, room for 8");
+  }
 
   const DeviceProps d = gru_emu::device_props<DeviceProps>();
   expect(d.cc_major == 9 && d.cc_minor == 0 && d.sm_count == 16 && d.cooperative &&
-             d.clusters && d.smem_per_block_optin == 227 * 1024 && d.smem_per_sm == 228 * 1024,
+             d.clusters && d.smem_per_block_optin == 227 * 1024 && d.smem_per_sm == 228 * 1024 &&
+             d.max_cluster == 16,
          "the default emulated device");
   {
     ScopedEnv cap("GRU_EMU_MAX_BLOCKS_PER_SM", "2");
@@ -461,11 +473,14 @@ void clean() {
   expect(a != c && a != d, "block_order changes with the seed and the launch");
 
   gru_emu::reset_launch_counts();
-  clean_clusters();
+  clean_clusters(4);
+  // A non-portable cluster of 16: only after the kernel's opt-in.
+  GRU_ALLOW_NON_PORTABLE_CLUSTER(cluster_exchange);
+  clean_clusters(16);
   clean_cooperative();
   clean_refusals();
   clean_device();
-  expect(count_of("cluster_exchange") == 2 && count_of("grid_exchange") == 1 &&
+  expect(count_of("cluster_exchange") == 4 && count_of("grid_exchange") == 1 &&
              gru_emu::launch_counts().size() == 2,
          "launch_counts: the launches that ran, per kernel");
 }
