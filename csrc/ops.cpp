@@ -70,7 +70,7 @@ static PyObject* py_empty_cache(PyObject*, PyObject*) {
 //   cc_major, cc_minor, sm_count, smem_per_block_optin, cooperative, clusters,
 //   max_cluster) -> dict: the CUDA backend's plan for one loop of a call on a device with
 // those properties (gru_persistent_plan.h); kernel is GRU_FUSED_CUDA_KERNEL's value, or
-// None to read it; max_cluster < 0: the device's default (max_cluster_for).
+// None to read it; max_cluster < 0: the device's default (widest_cluster).
 static PyObject* py_plan_cuda_kernel(PyObject*, PyObject* args) {
   using namespace gru_fused::cuda;
   const char *direction = nullptr, *kernel = nullptr;
@@ -85,8 +85,7 @@ static PyObject* py_plan_cuda_kernel(PyObject*, PyObject* args) {
   d.smem_per_block_optin = static_cast<size_t>(smem);
   d.cooperative = cooperative != 0;
   d.clusters = clusters != 0;
-  d.max_cluster = max_cluster < 0 ? max_cluster_for(d.cc_major, d.clusters)
-                                  : (d.clusters ? max_cluster : 0);
+  d.max_cluster = max_cluster;
   const std::string dir = direction;
   if (dir != "forward" && dir != "backward") {
     PyErr_SetString(PyExc_ValueError, "direction: expected 'forward' or 'backward'");
@@ -119,7 +118,8 @@ static PyObject* py_plan_cuda_kernel(PyObject*, PyObject* args) {
 #ifdef GRU_FUSED_WITH_CUDA
 // cuda_device_properties(index) -> dict: what the planner reads of CUDA device `index`
 // (cuda::device_props), in plan_cuda_kernel's terms, so that gru_fused.cuda_kernel_plan
-// reports the plan the kernels will run.
+// reports the plan the kernels start from (a launch the device refuses is planned again
+// with narrower clusters, or runs the step kernels).
 static PyObject* py_cuda_device_properties(PyObject*, PyObject* args) {
   int index = 0;
   if (!PyArg_ParseTuple(args, "i", &index)) return nullptr;
@@ -134,7 +134,8 @@ static PyObject* py_cuda_device_properties(PyObject*, PyObject* args) {
                        "sm_count", d.sm_count, "smem_per_block_optin",
                        static_cast<Py_ssize_t>(d.smem_per_block_optin), "cooperative",
                        d.cooperative ? Py_True : Py_False, "clusters",
-                       d.clusters ? Py_True : Py_False, "max_cluster", d.max_cluster);
+                       d.clusters ? Py_True : Py_False, "max_cluster",
+                       gru_fused::cuda::widest_cluster(d));
 }
 #endif
 

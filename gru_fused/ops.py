@@ -485,8 +485,10 @@ def cuda_kernel_plan(hidden_size: int, batch_size: int, dtype: torch.dtype = tor
     or, to plan for a GPU that is not here, ``device_properties``: a dict with ``cc``
     (major, minor), ``sm_count``, ``smem_per_block_optin`` (bytes), ``cooperative`` and
     ``clusters`` (bools), and optionally ``max_cluster`` (the widest cluster the planner
-    may use; default: 16 on sm_90 and sm_100, else 8). A persistent launch the device refuses at run time (its blocks
-    cannot be co-resident) runs on the step kernels instead.
+    may use, at most 16; default: 16 on compute capability 9.0 and 10.0, else 8). A
+    persistent launch the device refuses at run time (its blocks cannot be co-resident)
+    is planned again with clusters half as wide if it was a cluster plan, and otherwise
+    runs on the step kernels; this reports the first plan.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"gru_fused.cuda_kernel_plan: dtype must be a floating-point "

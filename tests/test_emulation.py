@@ -408,8 +408,9 @@ def test_clusters_of_16_and_the_portable_replan(emu_ops, monkeypatch):
     """H=64 on the emulated sm_90 (16 SMs): clusters of 16 CTAs of 4 units, a
     non-portable size the kernels opt in to. Where the device finds no room for a cluster
     of 16 (GRU_EMU_MAX_CLUSTER=8, as on a GPU whose GPCs are smaller), the launch is
-    refused and the call planned again with the portable 8: the cluster kernels still run,
-    with the step kernels' bits."""
+    refused and the call planned again with the portable 8; with no room for 8 either
+    (GRU_EMU_MAX_CLUSTER=4), with 4. The cluster kernels run each time, in clusters of
+    the size said, with the step kernels' bits."""
     emulated = {"cc": (9, 0), "sm_count": 16, "smem_per_block_optin": 227 * 1024,
                 "cooperative": True, "clusters": True}
     plans = gru_fused.cuda_kernel_plan(64, 5, torch.float32, kernel="cluster",
@@ -417,11 +418,13 @@ def test_clusters_of_16_and_the_portable_replan(emu_ops, monkeypatch):
     assert [plans[d]["cluster"] for d in ("forward", "backward")] == [16, 16], plans
     args = make(2, 5, 3, 64, torch.float32, seed=7, lengths=True)
     want, _ = run_family(emu_ops, monkeypatch, "step", args, True, True)
-    for max_cluster in ("16", "8"):
-        monkeypatch.setenv("GRU_EMU_MAX_CLUSTER", max_cluster)
+    for max_cluster in (16, 8, 4):
+        monkeypatch.setenv("GRU_EMU_MAX_CLUSTER", str(max_cluster))
         got, ran = run_family(emu_ops, monkeypatch, "cluster", args, True, True)
         assert ran["forward_cluster"] == 1 and ran["backward_cluster"] == 1, (max_cluster, ran)
         assert all(ran[k] == 0 for k in STEP_KERNELS), (max_cluster, ran)
+        for kernel in ("forward_cluster", "backward_cluster"):
+            assert emu_ops.last_cluster_size(kernel) == max_cluster, kernel
         for name, g, w in zip(FORWARD_NAMES + BACKWARD_NAMES, got, want):
             assert torch.equal(g, w), (max_cluster, name)
 

@@ -53,11 +53,17 @@ def test_book_shape_on_h200_runs_clusters():
 
 def test_portable_clusters_where_16_is_not_allowed():
     """max_cluster=8 (a device without non-portable clusters, or the re-plan after a GPU
-    refused 16): the portable 8 CTAs of 32 units; an sm_120 defaults to 8."""
-    for props in (dict(H200, max_cluster=8), dict(H200, cc=(12, 0))):
+    refused 16): the portable 8 CTAs of 32 units; compute capabilities other than 9.0
+    and 10.0 default to 8; bfloat16 with max_cluster=4, 5 or 7: clusters of 4 (float32's
+    64-unit slices, 196 KB of W_hh, would not fit with the rest); 0: no clusters."""
+    for props in (dict(H200, max_cluster=8), dict(H200, cc=(12, 0)), dict(H200, cc=(10, 1))):
         f = plan(256, 32, device=props)["forward"]
         assert (f["family"], f["cluster"], f["units"], f["rows"], f["clusters"]) == \
             ("cluster", 8, 32, 8, 4), (props, f)
+    for widest in (4, 5, 7):
+        f = plan(256, 32, torch.bfloat16, device=dict(H200, max_cluster=widest))["forward"]
+        assert (f["family"], f["cluster"], f["units"]) == ("cluster", 4, 64), (widest, f)
+    assert plan(256, 32, device=dict(H200, max_cluster=0))["forward"]["family"] == "cooperative"
 
 
 @pytest.mark.parametrize("B", [1, 8, 32, 256])

@@ -5,7 +5,8 @@
 //   GRU_LAUNCH(kernel, grid, block, smem, stream, args...)   a checked launch
 //   GRU_SET_MAX_DYNAMIC_SMEM(kernel, bytes)   opt a kernel in to more than 48 KB of
 //                                             dynamic shared memory (up to 227 KB, sm_90)
-//   GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel)    allow clusters of up to 16 CTAs (sm_90)
+//   GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel)    allow clusters of up to 16 CTAs (sm_90);
+//                                             false where the device does not
 //   GRU_UNROLL                       `GRU_UNROLL for (...)`: unroll a constant-trip loop
 //   __launch_bounds__(n), __restrict__ work in both.
 //
@@ -41,7 +42,7 @@ using gru_stream_t = gru_emu::stream_t;
   gru_emu::launch(gru_emu::LaunchSite{#kernel, __FILE__, __LINE__}, kernel, grid, block, \
                   smem, __VA_ARGS__)
 #define GRU_SET_MAX_DYNAMIC_SMEM(kernel, bytes) gru_emu::set_max_dynamic_smem(kernel, bytes)
-#define GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel) gru_emu::allow_non_portable_cluster(kernel)
+#define GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel) (gru_emu::allow_non_portable_cluster(kernel), true)
 // Loop unrolling is a code-generation hint: nothing to model on the CPU.
 #define GRU_UNROLL
 // The source line identifies the barrier, as for __syncthreads().
@@ -83,10 +84,10 @@ using gru_stream_t = cudaStream_t;
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                       static_cast<int>(bytes)))
 // Clusters of up to 16 CTAs for `kernel` (sm_90 allows 16 with this attribute; 8 is the
-// portable maximum). Whether a given cluster fits is still the occupancy API's answer.
-#define GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel)                                          \
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, \
-                                      1))
+// portable maximum); false, with the error cleared, where the device does not take it.
+// Whether a given cluster fits is still the occupancy API's answer.
+#define GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel) \
+  gru_fused::cuda_launch::allow_non_portable_cluster(reinterpret_cast<const void*>(kernel))
 // `GRU_UNROLL for (...)`: unrolls a loop whose trip count is a compile-time constant.
 #define GRU_UNROLL _Pragma("unroll")
 
@@ -148,6 +149,15 @@ bool launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, uns
   C10_CUDA_CHECK(e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+inline bool allow_non_portable_cluster(const void* kernel) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+      cudaSuccess) {
+    return true;
+  }
+  (void)cudaGetLastError();
+  return false;
 }
 
 // cudaFuncGetAttributes: ptxVersion is the architecture of the PTX the device's code

@@ -299,7 +299,6 @@ const DeviceProps& device_props(int device) {
     d->smem_per_sm = size_t(get(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
     d->cooperative = get(cudaDevAttrCooperativeLaunch) != 0;
     d->clusters = d->cc_major >= 9 && get(cudaDevAttrClusterLaunch) != 0;
-    d->max_cluster = cuda::max_cluster_for(d->cc_major, d->clusters);
     known[device] = std::move(d);
   }
   return *known[device];

@@ -32,8 +32,8 @@ inline void check_launchable(int64_t T, int64_t B, int64_t H) {
 
 // Runs the persistent kernel the plan picks for this device with `launch(plan)` (false:
 // the device refused it); false if none ran, and the caller runs the step kernels. A
-// refused cluster of 16 CTAs (non-portable: a GPU whose GPCs cannot hold one) is planned
-// again with the portable 8.
+// refused cluster plan (e.g. 16 CTAs, non-portable, on a GPU whose GPCs cannot hold
+// enough of them) is planned again with clusters half as wide; it ends, as they shrink.
 template <typename Launch>
 bool run_persistent(DeviceProps d, Direction dir, size_t scalar_bytes, size_t acc_bytes,
                     int64_t H, int64_t B, bool reset_after, const Launch& launch) {
@@ -42,8 +42,8 @@ bool run_persistent(DeviceProps d, Direction dir, size_t scalar_bytes, size_t ac
     const Plan plan = plan_kernel(d, dir, scalar_bytes, acc_bytes, H, B, reset_after, choice);
     if (plan.family == Family::kStep) return false;
     if (launch(plan)) return true;
-    if (plan.family != Family::kCluster || plan.shape.cluster <= kMaxPortableCluster) return false;
-    d.max_cluster = kMaxPortableCluster;
+    if (plan.family != Family::kCluster) return false;
+    d.max_cluster = plan.shape.cluster / 2;
   }
 }
 

@@ -246,7 +246,9 @@ inline dim3 persistent_grid(const Plan& plan) {
 //   needs the non-portable opt-in;
 // - the occupancy API must say the blocks fit at once: a cluster of the plan's shape, or
 //   every block of the cooperative grid. The launch also fails rather than hangs when
-//   they do not (cuda_compat.h): a second guard.
+//   they do not (cuda_compat.h): a second guard. A plan of non-portable clusters must
+//   also have room for all its clusters at once (else its clusters would run in two
+//   waves, slower than the portable plan the caller then makes).
 // It first sets the kernel's shared memory limit to the device's, the same value from
 // every host thread, so that a call of one shape never lowers it under another's launch.
 template <typename... KArgs>
@@ -254,10 +256,14 @@ bool persistent_fits(void (*kernel)(KArgs...), const Plan& plan) {
   const size_t smem = plan.layout.total;
   GRU_SET_MAX_DYNAMIC_SMEM(kernel, plan.device.smem_per_block_optin);
   if (plan.family == Family::kCluster) {
-    if (plan.shape.cluster > kMaxPortableCluster) GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel);
-    return gru_kernel_has_sm90_code(kernel) &&
-           gru_max_active_clusters(kernel, persistent_grid(plan), dim3(kThreads), smem,
-                                   plan.shape.cluster) >= 1;
+    const bool non_portable = plan.shape.cluster > kMaxPortableCluster;
+    if (!gru_kernel_has_sm90_code(kernel) ||
+        (non_portable && !GRU_ALLOW_NON_PORTABLE_CLUSTER(kernel))) {
+      return false;
+    }
+    const int active = gru_max_active_clusters(kernel, persistent_grid(plan), dim3(kThreads),
+                                               smem, plan.shape.cluster);
+    return active >= (non_portable ? plan.shape.clusters : 1);
   }
   return int64_t(gru_max_active_blocks_per_sm(kernel, kThreads, smem)) * plan.device.sm_count >=
          plan.shape.cluster;

@@ -55,18 +55,22 @@ struct DeviceProps {
   size_t smem_per_sm = 0;
   bool cooperative = false;         // cooperative launches (grid barrier)
   bool clusters = false;            // thread-block clusters and DSMEM (sm_90+)
-  int max_cluster = 0;              // the widest cluster a kernel may ask for (max_cluster_for)
+  int max_cluster = -1;             // the widest cluster to plan; < 0: widest_cluster's rule
 };
 
 constexpr int kMaxPortableCluster = 8;
+constexpr int kMaxNonPortableCluster = 16;
 
-// The widest cluster a device of compute capability cc_major allows a kernel that opted
-// in to non-portable sizes: 16 on sm_90 and sm_100 (H100, H200, B200), else the portable
-// 8; 0 without clusters. Whether one fits is the occupancy API's answer at launch: a
-// GPU whose GPCs cannot hold 16 CTAs refuses it, and the call is planned again with 8.
-inline int max_cluster_for(int cc_major, bool clusters) {
-  if (!clusters) return 0;
-  return cc_major == 9 || cc_major == 10 ? 16 : kMaxPortableCluster;
+// The widest cluster the planner may use on `d`: d.max_cluster if set, else 16 on
+// compute capability 9.0 and 10.0 (H100, H200, B200: non-portable sizes, which the
+// kernels opt in to), else the portable 8; 0 without clusters. Whether a cluster fits is
+// the occupancy API's answer at launch: a refused one is planned again half as wide
+// (run_persistent, gru_device_loops.h).
+inline int widest_cluster(const DeviceProps& d) {
+  if (!d.clusters) return 0;
+  if (d.max_cluster >= 0) return std::min(d.max_cluster, kMaxNonPortableCluster);
+  const bool non_portable = d.cc_minor == 0 && (d.cc_major == 9 || d.cc_major == 10);
+  return non_portable ? kMaxNonPortableCluster : kMaxPortableCluster;
 }
 
 enum class Family : int { kStep, kCluster, kCooperative };
@@ -183,10 +187,12 @@ inline Plan plan_kernel(const DeviceProps& d, Direction dir, size_t scalar_bytes
   std::string no;
   if (want_cluster && !d.clusters) no = "no thread-block clusters (sm_90+)";
   if (want_cluster && d.clusters) {
-    // The widest cluster (16 CTAs where the device allows non-portable sizes, else 8) in
-    // which every CTA has units: more SMs per cluster, smaller W_hh slices.
+    // The widest cluster (a power of two up to widest_cluster) in which every CTA has
+    // units: more SMs per cluster, smaller W_hh slices.
     const int rows_per_tile = tile_rows(dir, acc_bytes, reset_after);
-    for (int C = d.max_cluster >= 16 ? 16 : kMaxPortableCluster; C >= 2; C /= 2) {
+    int widest = 1;
+    while (widest * 2 <= widest_cluster(d)) widest *= 2;
+    for (int C = widest; C >= 2; C /= 2) {
       const int units = ceil_div_i(H, C);
       if (int64_t(C - 1) * units >= H) continue;
       // As many clusters as the SMs hold (one CTA per SM), each at least a tile of rows.

@@ -71,7 +71,8 @@
 // - Launch configuration: block of 1..1024 threads (z <= 64), grid y and z <= 65535,
 //   cluster of 1..8 blocks along x (the portable sizes; up to 16 for a kernel that
 //   allowed non-portable sizes, allow_non_portable_cluster) dividing grid.x.
-// - launch_counts(): the launches that ran, per kernel expression, for the tests.
+// - launch_counts(), last_cluster_size(kernel): the launches that ran, per kernel
+//   expression, and the cluster size of the last, for the tests.
 //
 // Not modelled: warps (no lockstep, no warp-synchronous code, no shuffles; threads
 // switch only at barriers and are never preempted, so an intra-block race shows in
@@ -996,6 +997,7 @@ struct Config {
   std::map<const void*, size_t> smem_opt_in;
   std::map<const void*, bool> non_portable_clusters;  // kernels allowed clusters of 16
   std::map<std::string, uint64_t> launch_counts;  // launches that ran, per kernel expression
+  std::map<std::string, unsigned> cluster_sizes;  // the last one's blocks per cluster (1: none)
   std::vector<std::unique_ptr<Fiber>> fibers;     // grown on demand, never freed
 };
 
@@ -1153,7 +1155,6 @@ Props device_props() {
   p.smem_per_sm = kSmemPerSm;
   p.cooperative = true;
   p.clusters = d.cc_major >= 9;
-  p.max_cluster = p.clusters ? int(kMaxNonPortableClusterBlocks) : 0;
   return p;
 }
 
@@ -1343,6 +1344,7 @@ inline void run_grid(Config& cfg, const LaunchSite& at, const std::function<void
 #endif
   const uint64_t launch_no = cfg.launches++;
   ++cfg.launch_counts[at.kernel];
+  cfg.cluster_sizes[at.kernel] = cluster;
   const std::vector<unsigned> order = launch_order(seed, launch_no, s.grid, cluster);
 
   while (cfg.fibers.size() < size_t(per_wave) * nthreads) {
@@ -1464,6 +1466,15 @@ inline std::map<std::string, uint64_t> launch_counts() {
 inline void reset_launch_counts() {
   std::lock_guard<std::mutex> lock(config().mu);
   config().launch_counts.clear();
+  config().cluster_sizes.clear();
+}
+
+// The blocks per cluster of the last launch of `kernel` that ran (1 for a launch without
+// clusters), 0 if none ran since reset_launch_counts().
+inline unsigned last_cluster_size(const std::string& kernel) {
+  std::lock_guard<std::mutex> lock(config().mu);
+  const auto it = config().cluster_sizes.find(kernel);
+  return it == config().cluster_sizes.end() ? 0 : it->second;
 }
 
 }  // namespace gru_emu

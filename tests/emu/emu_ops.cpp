@@ -73,6 +73,11 @@ int64_t launch_count(c10::string_view kernel) {
   return it == counts.end() ? 0 : static_cast<int64_t>(it->second);
 }
 
+// The cluster size of the last launch of that kernel (1: no clusters; 0: none ran).
+int64_t last_cluster_size(c10::string_view kernel) {
+  return gru_emu::last_cluster_size(std::string(kernel));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gru_fused_emu, m) {
@@ -81,6 +86,7 @@ TORCH_LIBRARY(gru_fused_emu, m) {
   m.def(kBackwardSchema);
   m.def("set_seed(int seed) -> ()", &set_seed);
   m.def("launch_count(str kernel) -> int", &launch_count);
+  m.def("last_cluster_size(str kernel) -> int", &last_cluster_size);
   m.def("reset_launch_counts() -> ()", [] { gru_emu::reset_launch_counts(); });
 }
 
