@@ -251,27 +251,33 @@ def cpu_ops_routed_through_emulation(emu_ops):
         lib._destroy()
 
 
+def packed_fused_gru_against_nn_gru(dtype):
+    """A 2-layer bidirectional FusedGRU in `dtype` and nn.GRU in float64 with its weights,
+    forward + backward on packed sequences of unequal lengths: ([output, h_n, grads...]
+    of FusedGRU, the same of nn.GRU)."""
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
+    model = gru_fused.FusedGRU(5, 12, num_layers=2, bidirectional=True, dtype=dtype)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 1])
+    results = []
+    for m, dt in ((model, dtype), (ref, torch.float64)):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x.to(dt), lengths)
+        out, h_n = m(packed)
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+        (padded.square().sum() + h_n.sum()).backward()
+        results.append([padded, h_n] + [p.grad for p in m.parameters()])
+    return results
+
+
 def test_fused_gru_through_emulated_kernels(cpu_ops_routed_through_emulation):
     """A 2-layer bidirectional FusedGRU, forward + backward, with packed sequences of
     unequal lengths: the emulated CUDA kernels against nn.GRU."""
     calls = cpu_ops_routed_through_emulation
-    torch.manual_seed(0)
-    ref = torch.nn.GRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
-    model = gru_fused.FusedGRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
-    model.load_state_dict(ref.state_dict())
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    lengths = torch.tensor([6, 4, 1])
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
-
-    results = []
-    for m in (model, ref):
-        m.zero_grad()
-        out, h_n = m(packed)
-        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
-        (padded.square().sum() + h_n.sum()).backward()
-        results.append([padded, h_n] + [p.grad.clone() for p in m.parameters()])
+    got, want = packed_fused_gru_against_nn_gru(torch.float64)
     assert calls["forward"] == 4 and calls["backward"] == 4  # 2 layers x 2 directions
-    for g, w in zip(*results):
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
@@ -436,23 +442,11 @@ def test_fused_gru_through_emulated_persistent_kernels(cpu_ops_routed_through_em
     of unequal lengths, on the persistent kernels (selection forced): against nn.GRU."""
     monkeypatch.setenv("GRU_FUSED_CUDA_KERNEL", family)
     emu_ops.reset_launch_counts()
-    torch.manual_seed(0)
-    ref = torch.nn.GRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float64)
-    model = gru_fused.FusedGRU(5, 12, num_layers=2, bidirectional=True, dtype=torch.float32)
-    model.load_state_dict(ref.state_dict())
-    x = torch.randn(6, 3, 5, dtype=torch.float64)
-    lengths = torch.tensor([6, 4, 1])
-    results = []
-    for m, dtype in ((model, torch.float32), (ref, torch.float64)):
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x.to(dtype), lengths)
-        out, h_n = m(packed)
-        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
-        (padded.square().sum() + h_n.sum()).backward()
-        results.append([padded, h_n] + [p.grad for p in m.parameters()])
+    got, want = packed_fused_gru_against_nn_gru(torch.float32)
     assert emu_ops.launch_count(f"forward_{family}") == 4  # 2 layers x 2 directions
     assert emu_ops.launch_count(f"backward_{family}") == 4
     assert emu_ops.launch_count("forward_step") == 0
-    for g, w in zip(*results):
+    for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
